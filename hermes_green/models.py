@@ -1,0 +1,73 @@
+"""Neutral message types shared by adapters, the store and the gateway.
+
+Adapters translate platform frames into these and back; nothing above the adapters knows any
+platform's wire format. `reply_ref` is the one opaque piece: whatever an adapter needs later to
+answer this exact message (WeCom's callback req_id, QQ's msg_id and chat kind, Feishu's
+message_id). It is JSON-serializable so the store can keep it across restarts.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+ChatType = Literal["dm", "group"]
+AttachmentKind = Literal["image", "file", "voice", "video", "other"]
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A non-text part of an inbound message: never downloaded by the gateway, only described."""
+    kind: str
+    ref: str  # the platform's reference (url, media id, file key)
+    name: str | None = None
+
+
+@dataclass
+class InboundMessage:
+    platform: str
+    message_id: str  # the platform's own id: the de-duplication key with `platform`
+    chat_id: str  # conversation key: a user id for DMs, a group id for groups
+    user_id: str
+    text: str
+    chat_type: ChatType = "dm"
+    attachments: tuple[Attachment, ...] = ()
+    reply_ref: dict[str, Any] = field(default_factory=dict)
+    received_at: float = field(default_factory=time.time)
+
+    @property
+    def chat_key(self) -> tuple[str, str]:
+        return (self.platform, self.chat_id)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: str) -> "InboundMessage":
+        d = json.loads(data)
+        d["attachments"] = tuple(Attachment(**a) for a in d.get("attachments", ()))
+        return cls(**d)
+
+
+@dataclass
+class OutboundMessage:
+    """One reply, as kept in the outbox until the platform accepted it.
+
+    `seq` numbers the parts of one answer (0-based): adapters with per-reply sequence rules
+    (QQ's msg_seq) derive them from it, so a re-send after a restart reuses the same number and
+    the platform can recognize the duplicate.
+    """
+    platform: str
+    chat_id: str
+    text: str
+    in_reply_to: str | None = None  # inbound platform message id
+    reply_ref: dict[str, Any] = field(default_factory=dict)
+    seq: int = 0
+    outbox_id: int | None = None
+    attempts: int = 0
+
+
+def attachment_placeholder(attachments: tuple[Attachment, ...] | list[Attachment]) -> str:
+    """A short text the agent reads in place of the non-text parts, e.g. `[image: a.png]`."""
+    return " ".join(f"[{a.kind}{': ' + a.name if a.name else ''}]" for a in attachments)
