@@ -224,6 +224,8 @@ def parse_config(text: str, *, source: str = "<config>", env: dict[str, str] | N
         return Config.model_validate(raw)
     except ValidationError as e:
         errors = e.errors(include_input=False, include_url=False)
+        # A mistyped key also makes its intended key "missing": name the typo first.
+        errors.sort(key=lambda err: err["type"] != "extra_forbidden")
         first = _describe(errors[0])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ConfigError(first + more) from None

@@ -90,6 +90,7 @@ class Gateway:
         self.sessions = SessionManager(config.gateway.busy_mode, self._run_turn,
                                        self._on_interrupted)
         self._group = gevent.pool.Group()
+        self._supervisors: list[gevent.Greenlet] = []
         self._outbox_wake: dict[str, gevent.event.Event] = {}
         self._stopping = False
         self.stopped = gevent.event.Event()
@@ -114,7 +115,8 @@ class Gateway:
         self.started_at = time.time()
         for name in self._factories:
             cfg = enabled.get(name)
-            self._spawn(self._supervise, name, cfg, name=f"supervisor:{name}")
+            self._supervisors.append(self._spawn(self._supervise, name, cfg,
+                                                 name=f"supervisor:{name}"))
         for name in set(self._factories) | set(self.store.outbox_platforms()):
             self._ensure_outbox(name)
         self._recover()
@@ -354,7 +356,7 @@ class Gateway:
             log.warning("outbox not empty at exit pending=%d (sent on next start)", left)
         for adapter in self.adapters.values():
             adapter.stop()
-        self._group.join(timeout=5)
+        gevent.joinall(self._supervisors, timeout=5)  # adapters close their connections
         self._group.kill(block=True, timeout=2)
         if self.status_server is not None:
             self.status_server.stop()

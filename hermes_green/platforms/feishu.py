@@ -1,0 +1,637 @@
+"""Feishu / Lark: event subscription over the long connection (shared/PROTOCOLS.md, "Feishu").
+
+The protocol, as this module speaks it:
+
+    prepare()       POST {domain}/callback/ws/endpoint {AppID, AppSecret} -> wss URL (device_id,
+                    service_id, ticket) + ClientConfig {PingInterval, ...}; tenant token and the
+                    bot's own open_id (to see group @-mentions) the first time
+    heartbeat       a protobuf ping control frame right after connecting, then every
+                    PingInterval s; the pong may carry a new ClientConfig: re-time the beat
+    data frame      `type: event` (or `card`), split over `sum` frames joined by `message_id`;
+                    journal the message (deliver() is synchronous), then ack at once with the
+                    same frame + `biz_rt` and payload {"code": 200}. The agent runs later, in
+                    another greenlet: an event not acked within ~3 s is delivered again.
+    send(out)       POST /open-apis/im/v1/messages/{message_id}/reply with a `uuid` derived from
+                    (message_id, seq): Feishu lets one uuid succeed once per hour, so an outbox
+                    re-send after a crash or restart is not a second answer.
+
+Frames are decoded with the `Frame` class lark-oapi generates (lark_oapi/ws/pb/pbbp2_pb2.py), but
+loaded without the SDK's package `__init__` (see `load_frame_class`): on this machine the full
+`import lark_oapi` costs 3.4-4.6 s CPU and +167 MB RSS, the frame module alone 0.02-0.03 s and
++4 MB. The SDK's own WebSocket client (asyncio) is never used; REST goes through `requests`.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, quote, urlparse
+
+import gevent.lock
+import requests
+import websocket
+
+from ..models import Attachment, InboundMessage, OutboundMessage, attachment_placeholder
+from .base import (MAX_FRAME_BYTES, ConnectionLost, FatalPlatformError, LongConnectionAdapter,
+                   PlatformError, SendError, State)
+
+# --- the Frame class, without importing the SDK ----------------------------------------------
+
+_PB_MODULE = "lark_oapi.ws.pb.pbbp2_pb2"
+
+
+def _package(name: str, path: str):
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [path]
+    return importlib.util.module_from_spec(spec)
+
+
+def _load_pb_without_sdk():
+    """Import lark-oapi's generated frame module (and the protobuf runtime it vendors under
+    lark_oapi/ws/pb/google) with empty stand-ins for the `lark_oapi` and `lark_oapi.ws` packages,
+    whose `__init__` files pull in the whole SDK. The stand-ins are removed afterwards, so a later
+    real `import lark_oapi` runs normally and finds these very modules already loaded (one Frame
+    class per process). `lark_oapi.ws.pb.google` stays a plain package: its real `__init__` only
+    declares a namespace through pkg_resources (0.1 s and a deprecation warning)."""
+    spec = importlib.util.find_spec("lark_oapi")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("lark_oapi is not installed")
+    root = list(spec.submodule_search_locations)[0]
+    temporary = {"lark_oapi": root, "lark_oapi.ws": os.path.join(root, "ws")}
+    kept = {"lark_oapi.ws.pb.google": os.path.join(root, "ws", "pb", "google")}
+    before = set(sys.modules)
+    try:
+        for name, path in (*temporary.items(), *kept.items()):
+            sys.modules.setdefault(name, _package(name, path))
+        return importlib.import_module(_PB_MODULE)
+    except BaseException:
+        for name in [n for n in sys.modules if n.startswith("lark_oapi") and n not in before]:
+            del sys.modules[name]
+        raise
+    finally:
+        for name in temporary:
+            if name not in before:
+                sys.modules.pop(name, None)
+
+
+def load_frame_class() -> type:
+    """lark-oapi's protobuf `Frame`: loaded cheaply, or through the normal (slow) import when the
+    SDK is already imported or the cheap path fails on some other SDK layout."""
+    module = sys.modules.get(_PB_MODULE)
+    if module is None and "lark_oapi" not in sys.modules:
+        try:
+            module = _load_pb_without_sdk()
+        except Exception:  # an SDK layout we do not know: the slow path still works
+            module = None
+    if module is None:
+        module = importlib.import_module(_PB_MODULE)
+    return module.Frame
+
+
+Frame = load_frame_class()
+
+# --- protocol constants ----------------------------------------------------------------------
+
+ENDPOINT_PATH = "/callback/ws/endpoint"
+TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
+BOT_INFO_PATH = "/open-apis/bot/v3/info"
+MESSAGES_PATH = "/open-apis/im/v1/messages"
+
+METHOD_CONTROL, METHOD_DATA = 0, 1
+ACK_PAYLOAD = b'{"code": 200}'
+RECEIVE_EVENT = "im.message.receive_v1"
+
+ENDPOINT_RETRY_CODES = frozenset({1, 1000040343})  # busy, internal error: retry; others: fatal
+HANDSHAKE_AUTH_FAILED = "514"
+HANDSHAKE_FORBIDDEN = "403"
+EXCEED_CONN_LIMIT = "1000040350"
+AUTH_ERROR_CODES = frozenset({99991661, 99991663, 99991668})  # missing / invalid / expired token
+RATE_LIMIT_CODES = frozenset({99991400, 230020})  # app-wide / per-chat frequency limits
+
+DEFAULT_PING_INTERVAL_S = 120.0
+MIN_PING_INTERVAL_S = 0.05  # a garbage ClientConfig must not make the beat spin
+MAX_PING_INTERVAL_S = 3600.0
+PART_TIMEOUT_S = 5.0  # the SDK drops parts of a split payload not completed within 5 s
+MAX_PARTS = 64
+TOKEN_REFRESH_MARGIN_S = 300.0  # refresh the tenant token this long before it expires
+UUID_NAMESPACE = uuid.UUID("5b0c8a1e-7f3d-4e52-9a61-0c2f3e4d5a6b")  # our replies' uuids
+
+
+# --- REST ------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """A Feishu REST call failed. `retryable`: worth trying again later (network, 5xx, 429,
+    busy); otherwise the request itself is refused. Messages carry no secrets."""
+
+    def __init__(self, what: str, *, status: int | None = None, code: int | None = None,
+                 msg: str = "", retry_after: float | None = None, retryable: bool = False):
+        detail = " ".join(f"{k}={v}" for k, v in (("status", status), ("code", code)) if v is not None)
+        super().__init__(f"{what} failed {detail} {msg[:160]}".strip())
+        self.status, self.code, self.retry_after, self.retryable = status, code, retry_after, retryable
+
+    @property
+    def auth_error(self) -> bool:
+        return self.status == 401 or self.code in AUTH_ERROR_CODES
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    for header in ("Retry-After", "x-ogw-ratelimit-reset"):
+        try:
+            return max(0.0, float(resp.headers[header]))
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+class FeishuApi:
+    """The REST calls we make, with the tenant token cached and refreshed early."""
+
+    def __init__(self, domain: str, app_id: str, app_secret, *, timeout_s: float = 10.0,
+                 clock=time.monotonic) -> None:
+        self.domain = domain.rstrip("/")
+        self.app_id = app_id
+        self._secret = app_secret  # SecretStr: unwrapped only into request bodies
+        self.timeout_s = timeout_s
+        self.http = requests.Session()
+        self.http.headers["User-Agent"] = "hermes-green"
+        self._clock = clock
+        self._token: str | None = None
+        self._token_expires_at = 0.0
+        self._token_lock = gevent.lock.BoundedSemaphore()
+
+    def call(self, method: str, path: str, *, body: dict | None = None, params: dict | None = None,
+             auth: bool = True, what: str | None = None) -> dict:
+        """One JSON call; with `auth`, a rejected token is refreshed and the call repeated once."""
+        what = what or path
+        for attempt in (1, 2):
+            headers = {"Authorization": f"Bearer {self.tenant_token()}"} if auth else {}
+            try:
+                return self._request(method, path, body, params, headers, what)
+            except ApiError as e:
+                if not (auth and e.auth_error and attempt == 1):
+                    raise
+                self.invalidate_token()
+        raise AssertionError("unreachable")
+
+    def _request(self, method, path, body, params, headers, what) -> dict:
+        try:
+            resp = self.http.request(method, self.domain + path, json=body, params=params,
+                                     headers=headers, timeout=self.timeout_s)
+        except requests.RequestException as e:
+            raise ApiError(what, msg=type(e).__name__, retryable=True) from None
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        code = data.get("code") if isinstance(data, dict) else None
+        if resp.status_code == 200 and code == 0:
+            return data
+        msg = str(data.get("msg", "")) if isinstance(data, dict) else ""
+        retryable = (resp.status_code == 429 or resp.status_code >= 500
+                     or code in RATE_LIMIT_CODES or code in ENDPOINT_RETRY_CODES)
+        raise ApiError(what, status=resp.status_code, code=code if isinstance(code, int) else None,
+                       msg=msg, retry_after=_retry_after(resp), retryable=retryable)
+
+    # tenant token ------------------------------------------------------------------------------
+    def tenant_token(self) -> str:
+        with self._token_lock:
+            if self._token is None or self._clock() >= self._token_expires_at:
+                data = self._request("POST", TOKEN_PATH,
+                                     {"app_id": self.app_id,
+                                      "app_secret": self._secret.get_secret_value()},
+                                     None, {}, "tenant_access_token")
+                token, expire = data.get("tenant_access_token"), data.get("expire")
+                if not isinstance(token, str) or not token or not isinstance(expire, (int, float)):
+                    raise ApiError("tenant_access_token", msg="malformed answer", retryable=True)
+                margin = min(TOKEN_REFRESH_MARGIN_S, expire / 2)
+                self._token, self._token_expires_at = token, self._clock() + expire - margin
+            return self._token
+
+    def invalidate_token(self) -> None:
+        self._token = None
+
+    # the calls -----------------------------------------------------------------------------
+    def endpoint(self) -> dict:
+        data = self._request("POST", ENDPOINT_PATH,
+                             {"AppID": self.app_id, "AppSecret": self._secret.get_secret_value()},
+                             None, {"locale": "zh"}, "endpoint")
+        endpoint = data.get("data")
+        if not isinstance(endpoint, dict) or not isinstance(endpoint.get("URL"), str):
+            raise ApiError("endpoint", msg="no URL in the answer", retryable=True)
+        return endpoint
+
+    def bot_open_id(self) -> str:
+        data = self.call("GET", BOT_INFO_PATH, what="bot_info")
+        open_id = (data.get("bot") or {}).get("open_id")
+        if not isinstance(open_id, str) or not open_id:
+            raise ApiError("bot_info", msg="no bot.open_id in the answer")
+        return open_id
+
+
+# --- split payloads --------------------------------------------------------------------------
+
+@dataclass
+class _Parts:
+    chunks: list
+    size: int
+    touched: float
+
+
+class PartJoiner:
+    """Joins a payload split over `sum` frames (by the frame header `message_id`, in `seq` order).
+    Parts not completed within `timeout_s` of the last one are dropped; the server redelivers the
+    whole event, since nothing was acked."""
+
+    def __init__(self, timeout_s: float = PART_TIMEOUT_S, *, max_pending: int = 256,
+                 max_bytes: int = MAX_FRAME_BYTES, clock=time.monotonic) -> None:
+        self.timeout_s, self.max_pending, self.max_bytes = timeout_s, max_pending, max_bytes
+        self._clock = clock
+        self._pending: dict[str, _Parts] = {}
+
+    def add(self, key: str, total: int, seq: int, data: bytes) -> bytes | None:
+        """The joined payload once the last part is in, else None. ValueError: bad part."""
+        if not key or not 1 < total <= MAX_PARTS or not 0 <= seq < total:
+            raise ValueError(f"bad part sum={total} seq={seq}")
+        now = self._clock()
+        for k in [k for k, p in self._pending.items() if now - p.touched > self.timeout_s]:
+            del self._pending[k]
+        parts = self._pending.get(key)
+        if parts is None or len(parts.chunks) != total:
+            while len(self._pending) >= self.max_pending:
+                del self._pending[next(iter(self._pending))]
+            parts = self._pending[key] = _Parts([None] * total, 0, now)
+        old = parts.chunks[seq]
+        parts.size += len(data) - (len(old) if old is not None else 0)
+        parts.chunks[seq], parts.touched = data, now
+        if parts.size > self.max_bytes:
+            del self._pending[key]
+            raise ValueError(f"split payload over {self.max_bytes} bytes")
+        if any(c is None for c in parts.chunks):
+            return None
+        del self._pending[key]
+        return b"".join(parts.chunks)
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+# --- events -> InboundMessage ----------------------------------------------------------------
+
+class Skip(Exception):
+    """This event is deliberately not delivered (the reason is logged); it is still acked."""
+
+
+def _text_of(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _post_parts(content: dict) -> tuple[list[str], list[Attachment]]:
+    """Text and attachments of a rich-text (`post`) message, either shape:
+    {"title", "content": [[elements]]} or wrapped by language {"zh_cn": {...}}."""
+    body = content
+    if "content" not in body:
+        body = next((v for v in content.values() if isinstance(v, dict)), {})
+    texts = [_text_of(body.get("title"))]
+    atts: list[Attachment] = []
+    rows = body.get("content")
+    for row in rows if isinstance(rows, list) else ():
+        for el in row if isinstance(row, list) else ():
+            if not isinstance(el, dict):
+                continue
+            tag = el.get("tag")
+            if tag in ("text", "a", "code_block", "md"):
+                texts.append(_text_of(el.get("text")))
+            elif tag == "at":
+                texts.append(_text_of(el.get("user_id")))  # "@_user_1": mentions fix it below
+            elif tag == "img" and isinstance(el.get("image_key"), str):
+                atts.append(Attachment("image", el["image_key"]))
+            elif tag == "media" and isinstance(el.get("file_key"), str):
+                atts.append(Attachment("video", el["file_key"], _text_of(el.get("file_name")) or None))
+    return [t for t in texts if t], atts
+
+
+_KEYED_ATTACHMENTS = {  # message_type -> (Attachment kind, content key of the reference)
+    "image": ("image", "image_key"),
+    "file": ("file", "file_key"),
+    "audio": ("voice", "file_key"),
+    "media": ("video", "file_key"),
+    "sticker": ("image", "file_key"),
+}
+
+
+def _content_parts(message_type: str, content: dict, message_id: str
+                   ) -> tuple[str, list[Attachment]]:
+    if message_type == "text":
+        return _text_of(content.get("text")), []
+    if message_type == "post":
+        texts, atts = _post_parts(content)
+        return " ".join(texts), atts
+    if message_type in _KEYED_ATTACHMENTS:
+        kind, key = _KEYED_ATTACHMENTS[message_type]
+        ref = content.get(key)
+        if not isinstance(ref, str) or not ref:
+            raise Skip(f"no_{key}")
+        name = _text_of(content.get("file_name")) or ("sticker" if message_type == "sticker" else None)
+        return "", [Attachment(kind, ref, name)]
+    # interactive cards, shared chats/users, merge_forward, location, ...: described, not parsed
+    return "", [Attachment("other", message_id, message_type[:40] or "unknown")]
+
+
+def _apply_mentions(text: str, mentions: Any, bot_open_id: str | None) -> tuple[str, bool]:
+    """Remove the bot's "@_user_N" placeholder, spell out the others as "@name"."""
+    bot_mentioned = False
+    for m in mentions if isinstance(mentions, list) else ():
+        if not isinstance(m, dict) or not isinstance(m.get("key"), str) or not m["key"]:
+            continue
+        ids = m.get("id") if isinstance(m.get("id"), dict) else {}
+        if bot_open_id and ids.get("open_id") == bot_open_id:
+            bot_mentioned = True
+            text = text.replace(m["key"], "")
+        else:
+            text = text.replace(m["key"], "@" + (_text_of(m.get("name")) or "user"))
+    return " ".join(text.split()), bot_mentioned
+
+
+def parse_message_event(event: Any, bot_open_id: str | None) -> InboundMessage:
+    """`event` of an im.message.receive_v1 envelope -> InboundMessage, or raise Skip(reason).
+    Group messages are taken only when they @-mention the bot; DMs always."""
+    if not isinstance(event, dict) or not isinstance(event.get("message"), dict):
+        raise Skip("no_message")
+    msg = event["message"]
+    sender = event.get("sender") if isinstance(event.get("sender"), dict) else {}
+    sender_ids = sender.get("sender_id") if isinstance(sender.get("sender_id"), dict) else {}
+    message_id, chat_id = msg.get("message_id"), msg.get("chat_id")
+    user_id, message_type = sender_ids.get("open_id"), msg.get("message_type")
+    for field_name, value in (("message_id", message_id), ("chat_id", chat_id),
+                              ("open_id", user_id), ("message_type", message_type)):
+        if not isinstance(value, str) or not value:
+            raise Skip(f"no_{field_name}")
+    if bot_open_id and user_id == bot_open_id:
+        raise Skip("own_message")
+    chat_type = "dm" if msg.get("chat_type") == "p2p" else "group"
+    try:
+        content = json.loads(msg.get("content") or "{}")
+    except (TypeError, ValueError):
+        raise Skip("bad_content") from None
+    if not isinstance(content, dict):
+        raise Skip("bad_content")
+    text, attachments = _content_parts(message_type, content, message_id)
+    text, bot_mentioned = _apply_mentions(text, msg.get("mentions"), bot_open_id)
+    if chat_type == "group" and not bot_mentioned:
+        raise Skip("group_without_mention")
+    if attachments:
+        text = f"{text} {attachment_placeholder(attachments)}".strip()
+    if not text:
+        raise Skip("empty")
+    return InboundMessage(
+        platform=FeishuAdapter.name, message_id=message_id, chat_id=chat_id, user_id=user_id,
+        text=text, chat_type=chat_type, attachments=tuple(attachments),
+        reply_ref={"message_id": message_id, "chat_id": chat_id, "chat_type": chat_type})
+
+
+def reply_uuid(target: str, seq: int) -> str:
+    """The same (message, part) always gets the same uuid (36 chars; Feishu allows 50)."""
+    return str(uuid.uuid5(UUID_NAMESPACE, f"{target}:{seq}"))
+
+
+def _headers(frame) -> dict[str, str]:
+    return {h.key: h.value for h in frame.headers}
+
+
+# --- the adapter -----------------------------------------------------------------------------
+
+class FeishuAdapter(LongConnectionAdapter):
+    name = "feishu"
+    first_beat_at_once = True  # the SDK pings as soon as the socket is up
+    max_unanswered_beats = 2
+    rest_timeout_s = 10.0
+    part_timeout_s = PART_TIMEOUT_S
+
+    def __init__(self, config, on_message, **kw) -> None:
+        super().__init__(config, on_message, **kw)
+        self.api = FeishuApi(config.domain, config.app_id, config.app_secret,
+                             timeout_s=self.rest_timeout_s)
+        self.parts = PartJoiner(self.part_timeout_s)
+        self.bot_open_id: str | None = None
+        self.client_config: dict[str, Any] = {}
+        self.service_id = 0
+        self.device_id = ""
+
+    # -- before the socket ----------------------------------------------------------------
+    def prepare(self) -> str:
+        self.api.timeout_s = self.rest_timeout_s
+        try:
+            endpoint = self.api.endpoint()
+            if self.bot_open_id is None:
+                self.bot_open_id = self.api.bot_open_id()
+        except ApiError as e:
+            if e.retryable:
+                raise ConnectionLost("endpoint", str(e)) from None
+            raise FatalPlatformError(f"feishu refused app {self.config.app_id}: {e}") from None
+        url = endpoint["URL"]
+        query = parse_qs(urlparse(url).query)
+        try:
+            self.service_id = int(query["service_id"][0])
+            self.device_id = query.get("device_id", [""])[0]
+            if not -2**31 <= self.service_id < 2**31:
+                raise ValueError
+        except (KeyError, ValueError):
+            raise ConnectionLost("endpoint", "URL without a valid service_id") from None
+        self.heartbeat_interval_s = None
+        self._apply_client_config(endpoint.get("ClientConfig"))
+        if self.heartbeat_interval_s is None:
+            self.heartbeat_interval_s = DEFAULT_PING_INTERVAL_S
+        self.log.info("endpoint ready platform=%s device=%s ping_interval_s=%g", self.name,
+                      self.device_id, self.heartbeat_interval_s)
+        return url
+
+    def describe_handshake_error(self, exc: websocket.WebSocketBadStatusException) -> PlatformError:
+        headers = {str(k).lower(): str(v) for k, v in (exc.resp_headers or {}).items()}
+        status = headers.get("handshake-status", "")
+        autherr = headers.get("handshake-autherrcode", "")
+        detail = (f"HTTP {exc.status_code} handshake_status={status or '-'} "
+                  f"autherrcode={autherr or '-'} msg={headers.get('handshake-msg', '')[:100]}")
+        if status == HANDSHAKE_AUTH_FAILED and autherr == EXCEED_CONN_LIMIT:
+            return ConnectionLost("too_many_connections", detail)
+        if status == HANDSHAKE_FORBIDDEN:
+            return FatalPlatformError(f"feishu refused the connection: {detail}")
+        return ConnectionLost("handshake", detail)
+
+    # -- keepalive ------------------------------------------------------------------------
+    def heartbeat_frame(self) -> bytes:
+        frame = Frame(SeqID=0, LogID=0, service=self.service_id, method=METHOD_CONTROL)
+        frame.headers.add(key="type", value="ping")
+        return frame.SerializeToString()
+
+    def _apply_client_config(self, conf: Any) -> None:
+        """Take a ClientConfig (endpoint answer or pong). Only PingInterval changes what we do;
+        reconnect timing stays ours (immediate first retry, then jittered backoff)."""
+        if not isinstance(conf, dict):
+            return
+        self.client_config = {k: conf[k] for k in ("PingInterval", "ReconnectCount",
+                                                   "ReconnectInterval", "ReconnectNonce")
+                              if k in conf}
+        interval = conf.get("PingInterval")
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+            return
+        interval = min(max(float(interval), MIN_PING_INTERVAL_S), MAX_PING_INTERVAL_S)
+        if interval == self.heartbeat_interval_s:
+            return
+        if self.ws is not None and self._heartbeat is not None:
+            self.log.info("ping interval changed platform=%s from_s=%g to_s=%g", self.name,
+                          self.heartbeat_interval_s, interval)
+            self.start_heartbeat(interval)
+        else:
+            self.heartbeat_interval_s = interval
+
+    # -- frames ---------------------------------------------------------------------------
+    def on_frame(self, data: str | bytes) -> None:
+        if isinstance(data, str):
+            self.log.warning("frame skipped platform=%s reason=text_frame chars=%d", self.name,
+                             len(data))
+            return
+        frame = Frame()
+        try:
+            frame.ParseFromString(data)
+            headers = _headers(frame)
+            method = frame.method
+            if not frame.IsInitialized():  # we could not echo it as an ack either
+                raise ValueError("required fields missing")
+        except Exception as e:  # the pure-Python protobuf raises assorted types on garbage
+            self.log.warning("frame skipped platform=%s reason=bad_protobuf error=%s bytes=%d",
+                             self.name, type(e).__name__, len(data))
+            return
+        if method == METHOD_CONTROL:
+            self._on_control(frame, headers)
+        elif method == METHOD_DATA:
+            self._on_data(frame, headers)
+        else:
+            self.log.warning("frame skipped platform=%s reason=unknown_method method=%s",
+                             self.name, method)
+
+    def _alive(self) -> None:
+        """The server answered on this connection: it is established."""
+        if self.stats.state is not State.READY and self.ws is not None:
+            self.mark_ready()
+
+    def _on_control(self, frame, headers: dict[str, str]) -> None:
+        kind = headers.get("type")
+        if kind != "pong":
+            self.log.debug("control frame ignored platform=%s type=%s", self.name, kind)
+            return
+        self.beat_answered()
+        self._alive()
+        if frame.payload:
+            try:
+                conf = json.loads(frame.payload)
+            except ValueError:
+                self.log.warning("pong skipped platform=%s reason=bad_client_config", self.name)
+                return
+            self._apply_client_config(conf)
+
+    def _on_data(self, frame, headers: dict[str, str]) -> None:
+        self._alive()
+        received = time.monotonic()
+        kind, frame_msg_id = headers.get("type", ""), headers.get("message_id", "")
+        try:
+            total, seq = int(headers.get("sum", "1")), int(headers.get("seq", "0"))
+            payload = frame.payload
+            if total != 1:
+                payload = self.parts.add(frame_msg_id, total, seq, payload)
+                if payload is None:
+                    return  # more parts to come; acked once the message is whole
+        except ValueError as e:
+            self.log.warning("frame skipped platform=%s reason=bad_part frame_msg=%s error=%s",
+                             self.name, frame_msg_id[:64], e)
+            return
+        if self._handle_payload(kind, payload, frame_msg_id):
+            self._ack(frame, received)
+
+    def _handle_payload(self, kind: str, payload: bytes, frame_msg_id: str) -> bool:
+        """Journal what the payload carries. False: do not ack (the journal failed, so the
+        server's redelivery is our retry); True: journaled, a duplicate, or deliberately skipped
+        (acked, or the server would redeliver it forever)."""
+        if kind != "event":
+            self.log.info("data frame ignored platform=%s type=%s frame_msg=%s", self.name,
+                          kind[:32], frame_msg_id[:64])
+            return True
+        try:
+            envelope = json.loads(payload)
+            if not isinstance(envelope, dict):
+                raise ValueError("not an object")
+        except ValueError as e:  # UnicodeDecodeError is a ValueError too
+            self.log.warning("event skipped platform=%s reason=bad_json frame_msg=%s error=%s",
+                             self.name, frame_msg_id[:64], type(e).__name__)
+            return True
+        header = envelope.get("header") if isinstance(envelope.get("header"), dict) else {}
+        event_type = header.get("event_type")
+        if event_type != RECEIVE_EVENT:
+            self.log.info("event ignored platform=%s event_type=%s", self.name,
+                          str(event_type)[:64])
+            return True
+        try:
+            msg = parse_message_event(envelope.get("event"), self.bot_open_id)
+        except Skip as e:
+            self.log.info("event skipped platform=%s reason=%s event_id=%s", self.name, e,
+                          str(header.get("event_id"))[:64])
+            return True
+        try:
+            new = self.deliver(msg)
+        except Exception as e:
+            self.log.error("journal failed platform=%s msg=%s error=%s: %s; not acked, the "
+                           "server will redeliver", self.name, msg.message_id,
+                           type(e).__name__, str(e)[:200])
+            return False
+        self.log.info("message in platform=%s chat=%s msg=%s new=%s", self.name, msg.chat_id,
+                      msg.message_id, new)
+        return True
+
+    def _ack(self, frame, received: float) -> None:
+        """The frame back, with all its headers plus biz_rt (ms), payload {"code": 200}."""
+        ack = Frame()
+        ack.CopyFrom(frame)
+        ack.headers.add(key="biz_rt", value=str(int((time.monotonic() - received) * 1000)))
+        ack.payload = ACK_PAYLOAD
+        try:
+            data = ack.SerializeToString()
+        except Exception as e:  # a frame missing required fields: nothing we can echo
+            self.log.warning("ack skipped platform=%s reason=unserializable error=%s",
+                             self.name, type(e).__name__)
+            return
+        self.send_frame(data)
+
+    def on_disconnect(self, lost: ConnectionLost) -> None:
+        self.parts.clear()  # unacked: the server sends the whole event again
+
+    # -- replies --------------------------------------------------------------------------
+    def send(self, out: OutboundMessage) -> None:
+        message_id = out.reply_ref.get("message_id") or out.in_reply_to
+        content = json.dumps({"text": out.text}, ensure_ascii=False)
+        if message_id:
+            path = f"{MESSAGES_PATH}/{quote(str(message_id), safe='')}/reply"
+            body, params = {"msg_type": "text", "content": content}, None
+        else:  # nothing to reply to: a plain message to the chat
+            path, params = MESSAGES_PATH, {"receive_id_type": "chat_id"}
+            body = {"receive_id": out.chat_id, "msg_type": "text", "content": content}
+        body["uuid"] = reply_uuid(str(message_id or out.chat_id), out.seq)
+        self.api.timeout_s = self.rest_timeout_s
+        try:
+            self.api.call("POST", path, body=body, params=params, what="reply")
+        except ApiError as e:
+            self.log.warning("reply failed platform=%s chat=%s msg=%s seq=%d retryable=%s "
+                             "error=%s", self.name, out.chat_id, message_id, out.seq,
+                             e.retryable, e)
+            raise SendError(str(e), retryable=e.retryable, retry_after=e.retry_after) from None
+        self.stats.messages_out += 1
+        self.log.info("reply sent platform=%s chat=%s msg=%s seq=%d", self.name, out.chat_id,
+                      message_id, out.seq)

@@ -1,0 +1,481 @@
+"""QQ Bot (official open platform, gateway v2): C2C and group @-messages over the gateway
+WebSocket, passive replies over REST.
+
+The protocol, as this module speaks it (shared/PROTOCOLS.md, "QQ Bot"):
+
+    prepare()      app access token (cached, renewed early, dropped once on a 401), then
+                   GET {api_base}/gateway/bot -> the wss URL
+    op 10 Hello    start the heartbeat on the interval it announces (never before: a default
+                   timetable sends nothing until it expires), then op 2 Identify, or op 6 Resume
+                   when we hold a session id and the last seq
+    op 0 READY / RESUMED                 -> ready
+    op 0 C2C_MESSAGE_CREATE / GROUP_AT_MESSAGE_CREATE -> InboundMessage, then the seq advances
+    op 1 beat {"d": last seq}, op 11 ack -> keepalive answered
+    op 7 Reconnect -> drop the socket and resume at once; op 9 Invalid Session -> identify fresh
+    close codes    see `close_action`
+    send(out)      POST /v2/users/{openid}/messages or /v2/groups/{group_openid}/messages with
+                   msg_seq = part index + 1, so a re-send repeats the pair and 40054005 means
+                   "already delivered"
+
+Facts not verified against the live platform are marked *unverified*.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Callable
+from urllib.parse import quote
+
+import gevent
+import gevent.event
+import gevent.lock
+import requests
+
+from ..models import Attachment, InboundMessage, OutboundMessage, attachment_placeholder
+from .base import (CloseAction, ConnectionLost, FatalPlatformError, LongConnectionAdapter,
+                   SendError)
+
+OP_DISPATCH = 0
+OP_HEARTBEAT = 1
+OP_IDENTIFY = 2
+OP_RESUME = 6
+OP_RECONNECT = 7
+OP_INVALID_SESSION = 9
+OP_HELLO = 10
+OP_HEARTBEAT_ACK = 11
+OP_HTTP_CALLBACK_ACK = 12
+
+EVENT_C2C = "C2C_MESSAGE_CREATE"
+EVENT_GROUP_AT = "GROUP_AT_MESSAGE_CREATE"
+
+# A repeated (msg_id, msg_seq) pair: the reply went out before (we re-sent after a restart).
+CODE_DUPLICATE_REPLY = 40054005
+MAX_REPLY_PARTS = 5  # passive replies allowed per inbound message
+# Our choice: the platform's limit for one text message is *unverified*; 2000 characters stays
+# well inside what users report working and keeps 5 parts at 10,000 characters.
+REPLY_CHUNK_CHARS = 2000
+
+# The token endpoint hands out a new token only in the last 60 s of the old one (before that it
+# returns the same token with its remaining life), and both stay valid during those 60 s. So we
+# renew min(50 s, 20 % of the life) before expiry: inside that window, never after expiry.
+TOKEN_RENEW_MARGIN_S = 50.0
+TOKEN_RENEW_FRACTION = 0.2
+# Token endpoint codes that mean the credentials are wrong for good; any other failure is
+# retried with backoff (100001 too many requests, 100002 internal error, HTTP 5xx, timeouts).
+FATAL_TOKEN_CODES = {
+    100007: "appid invalid, or the bot is banned or deleted",
+    100016: "invalid appid or secret",
+    10004: "no bot with this appid",
+}
+REST_TIMEOUT = (5.0, 20.0)  # (connect, read) seconds
+
+# Gateway close codes (the platform's docs; see close_action).
+FATAL_CLOSE_CODES = {
+    4010: "invalid shard", 4011: "too many guilds for one shard", 4012: "invalid version",
+    4013: "invalid intents", 4014: "intents not permitted", 4914: "bot offline (sandbox only)",
+    4915: "bot banned",
+}
+CLOSE_BAD_TOKEN = 4004
+REIDENTIFY_CLOSE_CODES = frozenset({4001, 4002, 4006, 4007, *range(4900, 4914)})
+
+MIN_HEARTBEAT_S = 0.05  # a Hello announcing less is clamped (the platform says ~41 s)
+HANDSHAKE_TIMEOUT_S = 20.0  # connect -> READY/RESUMED, else the connection is a zombie
+MAX_ATTACHMENTS = 20
+MAX_ID_CHARS = 512
+
+
+def _nonempty_str(value: Any) -> str:
+    """`value` when it is a usable identifier, else ""."""
+    if isinstance(value, str) and value.strip() and len(value) <= MAX_ID_CHARS:
+        return value
+    return ""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_body(resp: requests.Response) -> dict:
+    try:
+        body = resp.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    try:
+        value = float(resp.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def attachment_kind(content_type: str) -> str:
+    """QQ's `content_type` ("image/jpeg", "voice", "video/mp4", "file") -> Attachment.kind."""
+    ct = content_type.lower()
+    if ct.startswith("image"):
+        return "image"
+    if ct.startswith(("voice", "audio")):
+        return "voice"
+    if ct.startswith("video"):
+        return "video"
+    if ct:
+        return "file"
+    return "other"
+
+
+class AccessToken:
+    """The app access token: fetched with app id + client secret, cached with its expiry,
+    renewed early, and dropped when a call says 401 so the next `get()` fetches a new one.
+
+    `get()` raises FatalPlatformError for credentials the platform refuses for good and
+    ConnectionLost for anything worth retrying later. Messages never contain the secret.
+    """
+
+    def __init__(self, http: requests.Session, url: str, app_id: str, secret, *,
+                 clock: Callable[[], float], log) -> None:
+        self._http, self._url, self._app_id, self._secret = http, url, app_id, secret
+        self._clock, self.log = clock, log
+        self._value: str | None = None
+        self._renew_at = 0.0
+        self._lock = gevent.lock.Semaphore()  # one fetch at a time; the others reuse its result
+        self.fetches = 0
+
+    def get(self) -> str:
+        with self._lock:
+            if self._value is None or self._clock() >= self._renew_at:
+                self._fetch()
+            return self._value  # type: ignore[return-value]
+
+    def invalidate(self, value: str | None = None) -> None:
+        """Forget the token (only if it is still `value`, when given: a concurrent caller may
+        have renewed it already)."""
+        if value is None or value == self._value:
+            self._value = None
+
+    def _fetch(self) -> None:
+        self.fetches += 1
+        try:
+            resp = self._http.post(self._url, timeout=REST_TIMEOUT, json={
+                "appId": self._app_id, "clientSecret": self._secret.get_secret_value()})
+        except requests.RequestException as e:
+            raise ConnectionLost("token_unreachable", type(e).__name__) from None
+        body = _json_body(resp)
+        token, expires_in = body.get("access_token"), body.get("expires_in")
+        if resp.status_code == 200 and isinstance(token, str) and token:
+            try:
+                life = float(expires_in)  # a string of seconds, e.g. "7200"
+            except (TypeError, ValueError):
+                raise ConnectionLost("token_bad_answer", "expires_in is not a number") from None
+            if not math.isfinite(life) or life <= 0:
+                raise ConnectionLost("token_bad_answer", "expires_in is not positive")
+            now = self._clock()
+            self._value = token
+            self._renew_at = now + life - min(TOKEN_RENEW_MARGIN_S, TOKEN_RENEW_FRACTION * life)
+            self.log.info("token fetched platform=qqbot expires_in_s=%.0f renew_in_s=%.0f",
+                          life, self._renew_at - now)
+            return
+        code = body.get("code")
+        if _is_int(code) and code in FATAL_TOKEN_CODES:
+            raise FatalPlatformError(f"token endpoint refused app {self._app_id}: "
+                                     f"code {code} ({FATAL_TOKEN_CODES[code]})")
+        if resp.status_code in (400, 401, 403):  # *unverified*: the endpoint answers 200 + code
+            raise FatalPlatformError(f"token endpoint refused app {self._app_id}: "
+                                     f"HTTP {resp.status_code} code {code}")
+        raise ConnectionLost("token_failed", f"HTTP {resp.status_code} code {code}")
+
+
+class QQBotAdapter(LongConnectionAdapter):
+    """The QQ Bot gateway (v2) plus passive replies. See the module docstring for the flow."""
+
+    name = "qqbot"
+    max_unanswered_beats = 2  # two beats without an op 11 -> zombie, reconnect and resume
+
+    def __init__(self, config, on_message, *, clock: Callable[[], float] = time.monotonic,
+                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S, **kw) -> None:
+        super().__init__(config, on_message, **kw)
+        self.handshake_timeout_s = handshake_timeout_s
+        self._http = requests.Session()
+        self._http.headers["X-Union-Appid"] = config.app_id
+        self.token = AccessToken(self._http, config.token_url, config.app_id,
+                                 config.client_secret, clock=clock, log=self.log)
+        self._api_base = config.api_base.rstrip("/")
+        # The gateway session we resume after a drop; None -> identify fresh.
+        self.session_id: str | None = None
+        self.seq: int | None = None  # last dispatch seq handled (what op 1 and op 6 carry)
+        self._hello_seen = False
+        self._established = gevent.event.Event()  # READY/RESUMED on the current connection
+        self._ops: dict[int, Callable[[dict], None]] = {
+            OP_DISPATCH: self._on_dispatch,
+            OP_HELLO: self._on_hello,
+            OP_HEARTBEAT_ACK: lambda frame: self.beat_answered(),
+            OP_HEARTBEAT: lambda frame: self.send_frame(self.heartbeat_frame()),  # server asks
+            OP_RECONNECT: self._on_reconnect,
+            OP_INVALID_SESSION: self._on_invalid_session,
+            OP_HTTP_CALLBACK_ACK: lambda frame: None,
+        }
+        self._events: dict[str, Callable[[Any], None]] = {
+            "READY": self._on_ready,
+            "RESUMED": self._on_resumed,
+            EVENT_C2C: lambda d: self._on_message_event(d, "c2c"),
+            EVENT_GROUP_AT: lambda d: self._on_message_event(d, "group"),
+        }
+
+    # -- before the socket ---------------------------------------------------------------------
+    def prepare(self) -> str:
+        # This connection's Hello decides the interval; never start on the last one's timetable.
+        self.heartbeat_interval_s = None
+        self._hello_seen = False
+        self._established = gevent.event.Event()
+        try:
+            resp = self._api("GET", "/gateway/bot", label="gateway")
+        except requests.RequestException as e:
+            raise ConnectionLost("gateway_unreachable", type(e).__name__) from None
+        url = _json_body(resp).get("url") if resp.status_code == 200 else None
+        if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+            raise ConnectionLost("gateway_failed", f"GET /gateway/bot: HTTP {resp.status_code}")
+        return url
+
+    def on_open(self) -> None:
+        watchdog = self._session.spawn(self._handshake_watchdog, self._established)
+        watchdog.name = f"{self.name}:handshake"
+
+    def _handshake_watchdog(self, established: gevent.event.Event) -> None:
+        # A server that accepts the socket but never says Hello (or never READY) would leave us
+        # with no heartbeat and so no zombie detection: give the handshake a deadline.
+        if not established.wait(self.handshake_timeout_s):
+            self.lose("handshake_timeout", f"not ready {self.handshake_timeout_s:g}s after connect")
+
+    # -- frames --------------------------------------------------------------------------------
+    def on_frame(self, data: str | bytes) -> None:
+        if isinstance(data, bytes):
+            self.log.warning("frame skipped platform=qqbot reason=binary bytes=%d", len(data))
+            return
+        try:
+            frame = json.loads(data)
+        except ValueError:  # RecursionError is caught by the read loop's catch-all
+            self.log.warning("frame skipped platform=qqbot reason=bad_json chars=%d", len(data))
+            return
+        op = frame.get("op") if isinstance(frame, dict) else None
+        handler = self._ops.get(op) if _is_int(op) else None
+        if handler is None:
+            self.log.warning("frame skipped platform=qqbot reason=unknown_op op=%.40r", op)
+            return
+        handler(frame)
+
+    def heartbeat_frame(self) -> str:
+        return json.dumps({"op": OP_HEARTBEAT, "d": self.seq})
+
+    def _on_hello(self, frame: dict) -> None:
+        d = frame.get("d")
+        interval_ms = d.get("heartbeat_interval") if isinstance(d, dict) else None
+        if (not isinstance(interval_ms, (int, float)) or isinstance(interval_ms, bool)
+                or not math.isfinite(interval_ms) or interval_ms <= 0):
+            raise ConnectionLost("bad_hello", "no usable heartbeat_interval")
+        self.start_heartbeat(max(MIN_HEARTBEAT_S, interval_ms / 1000.0))
+        if self._hello_seen:
+            return  # a second Hello only re-times the heartbeat
+        self._hello_seen = True
+        if self.session_id is not None:
+            self._send_resume()
+        else:
+            self._send_identify()
+
+    def _send_identify(self) -> None:
+        self.seq = None
+        self.send_frame(json.dumps({"op": OP_IDENTIFY, "d": {
+            "token": f"QQBot {self.token.get()}",
+            "intents": self.config.intents,
+            "shard": [0, 1],
+            "properties": {"$os": "linux", "$browser": "hermes-green", "$device": "hermes-green"},
+        }}))
+        self.log.info("identify sent platform=qqbot intents=%d", self.config.intents)
+
+    def _send_resume(self) -> None:
+        self.send_frame(json.dumps({"op": OP_RESUME, "d": {
+            "token": f"QQBot {self.token.get()}",
+            "session_id": self.session_id,
+            "seq": self.seq or 0,
+        }}))
+        self.log.info("resume sent platform=qqbot session=%s seq=%s", self.session_id, self.seq)
+
+    def _on_reconnect(self, frame: dict) -> None:
+        raise ConnectionLost("server_reconnect", "op 7", resume=True)
+
+    def _on_invalid_session(self, frame: dict) -> None:
+        self._forget_session("op 9 invalid session")
+        raise ConnectionLost("invalid_session", "op 9", resume=False)
+
+    def _on_dispatch(self, frame: dict) -> None:
+        event = frame.get("t")
+        handler = self._events.get(event) if isinstance(event, str) else None
+        if handler is None:
+            self.log.info("event skipped platform=qqbot event=%.60r reason=unhandled", event)
+        else:
+            handler(frame.get("d"))
+        # Advance only once the event is handled: if handing a message up fails, the resume
+        # that follows replays it.
+        s = frame.get("s")
+        if _is_int(s) and s > 0 and (self.seq is None or s > self.seq):
+            self.seq = s
+
+    def _on_ready(self, d: Any) -> None:
+        session_id = _nonempty_str(d.get("session_id")) if isinstance(d, dict) else ""
+        if not session_id:
+            raise ConnectionLost("bad_ready", "READY without session_id", resume=False)
+        self.session_id, self.seq = session_id, None
+        self.log.info("session started platform=qqbot session=%s", session_id)
+        self._established.set()
+        self.mark_ready()
+
+    def _on_resumed(self, d: Any) -> None:
+        self.log.info("session resumed platform=qqbot session=%s seq=%s",
+                      self.session_id, self.seq)
+        self._established.set()
+        self.mark_ready()
+
+    def _on_message_event(self, d: Any, kind: str) -> None:
+        msg = self._normalize(d, kind)
+        if msg is None:
+            return
+        try:
+            new = self.deliver(msg)
+        except Exception as e:
+            # Not journaled and the seq not advanced: resuming makes the server replay it.
+            raise ConnectionLost("deliver_failed", type(e).__name__, resume=True) from None
+        self.log.info("inbound platform=qqbot chat=%s msg=%s kind=%s new=%s attachments=%d",
+                      msg.chat_id, msg.message_id, kind, new, len(msg.attachments))
+
+    def _normalize(self, d: Any, kind: str) -> InboundMessage | None:
+        if not isinstance(d, dict):
+            self.log.warning("event skipped platform=qqbot kind=%s reason=no_data", kind)
+            return None
+        author = d.get("author") if isinstance(d.get("author"), dict) else {}
+        msg_id = _nonempty_str(d.get("id"))
+        if kind == "c2c":
+            user = chat = _nonempty_str(author.get("user_openid"))
+        else:
+            chat = _nonempty_str(d.get("group_openid"))
+            user = _nonempty_str(author.get("member_openid"))
+        if not (msg_id and chat and user):
+            self.log.warning("event skipped platform=qqbot kind=%s msg=%.80r reason=missing_ids",
+                             kind, msg_id or d.get("id"))
+            return None
+        content = d.get("content")
+        # Group @-messages start with the space the mention left behind.
+        text = content.strip() if isinstance(content, str) else ""
+        attachments = self._attachments(d.get("attachments"), msg_id)
+        if attachments:
+            text = f"{text} {attachment_placeholder(attachments)}".strip()
+        if not text:
+            self.log.info("event skipped platform=qqbot chat=%s msg=%s reason=empty", chat, msg_id)
+            return None
+        return InboundMessage(
+            platform=self.name, message_id=msg_id, chat_id=chat, user_id=user, text=text,
+            chat_type="dm" if kind == "c2c" else "group", attachments=attachments,
+            reply_ref={"msg_id": msg_id, "kind": kind, "openid": chat})
+
+    def _attachments(self, raw: Any, msg_id: str) -> tuple[Attachment, ...]:
+        if not isinstance(raw, list):
+            return ()
+        found = []
+        for item in raw[:MAX_ATTACHMENTS]:
+            url = item.get("url") if isinstance(item, dict) else None
+            if not isinstance(url, str) or not url:
+                self.log.warning("attachment skipped platform=qqbot msg=%s reason=no_url", msg_id)
+                continue
+            content_type = item.get("content_type")
+            filename = item.get("filename")
+            found.append(Attachment(
+                kind=attachment_kind(content_type if isinstance(content_type, str) else ""),
+                ref=url, name=filename if isinstance(filename, str) and filename else None))
+        return tuple(found)
+
+    # -- closes and session --------------------------------------------------------------------
+    def close_action(self, code: int | None) -> CloseAction:
+        """The platform's close codes: 4004 bad token (renew it, identify); 4006/4007 and
+        4900-4913 identify fresh (4001/4002 too: we sent something it could not use); 4008 rate
+        and 4009 timeout resume; 4010-4014, 4914 and 4915 are fatal. Anything else (network
+        closes, unknown codes) resumes: a session the server no longer knows earns an op 9."""
+        if code in FATAL_CLOSE_CODES:
+            self.log.error("fatal close platform=qqbot code=%s meaning=%s",
+                           code, FATAL_CLOSE_CODES[code])
+            return CloseAction.FATAL
+        if code == CLOSE_BAD_TOKEN:
+            self.token.invalidate()
+            return CloseAction.REIDENTIFY
+        if code in REIDENTIFY_CLOSE_CODES:
+            return CloseAction.REIDENTIFY
+        return CloseAction.RESUME
+
+    def on_disconnect(self, lost: ConnectionLost) -> None:
+        if not lost.resume:
+            self._forget_session(lost.reason)
+
+    def _forget_session(self, why: str) -> None:
+        if self.session_id is not None:
+            self.log.info("session discarded platform=qqbot session=%s reason=%s",
+                          self.session_id, why)
+        self.session_id, self.seq = None, None
+
+    # -- REST ----------------------------------------------------------------------------------
+    def _api(self, method: str, path: str, body: dict | None = None, *,
+             label: str) -> requests.Response:
+        """One REST call with the token; on 401 the token is renewed once and the call repeated.
+        Raises requests.RequestException, or what AccessToken.get() raises."""
+        token = self.token.get()
+        resp = self._call(method, path, token, body)
+        if resp.status_code == 401:
+            self.log.warning("token rejected platform=qqbot call=%s action=renew_once", label)
+            self.token.invalidate(token)
+            resp = self._call(method, path, self.token.get(), body)
+        return resp
+
+    def _call(self, method: str, path: str, token: str, body: dict | None) -> requests.Response:
+        return self._http.request(method, self._api_base + path, json=body, timeout=REST_TIMEOUT,
+                                  headers={"Authorization": f"QQBot {token}"})
+
+    def max_reply_parts(self) -> int | None:
+        return MAX_REPLY_PARTS
+
+    def reply_chunk_chars(self) -> int:
+        return REPLY_CHUNK_CHARS
+
+    def send(self, out: OutboundMessage) -> None:
+        ref = out.reply_ref or {}
+        msg_id, kind = _nonempty_str(ref.get("msg_id")), ref.get("kind")
+        openid = _nonempty_str(ref.get("openid"))
+        if not (msg_id and openid and kind in ("c2c", "group")):
+            raise SendError("reply_ref lacks msg_id/kind/openid (QQ allows passive replies only)",
+                            retryable=False)
+        if not 0 <= out.seq < MAX_REPLY_PARTS:
+            raise SendError(f"part {out.seq} is past the {MAX_REPLY_PARTS} replies QQ allows "
+                            "per message", retryable=False)
+        msg_seq = out.seq + 1
+        path = (f"/v2/users/{quote(openid, safe='')}/messages" if kind == "c2c"
+                else f"/v2/groups/{quote(openid, safe='')}/messages")
+        body = {"msg_type": 0, "content": out.text, "msg_id": msg_id, "msg_seq": msg_seq}
+        try:
+            resp = self._api("POST", path, body, label="reply")
+        except requests.RequestException as e:
+            raise SendError(f"reply request failed: {type(e).__name__}") from None
+        except ConnectionLost as e:
+            raise SendError(f"no access token: {e}") from None
+        except FatalPlatformError as e:
+            raise SendError(str(e), retryable=False) from None
+        status, answer = resp.status_code, _json_body(resp)
+        codes = {answer.get("code"), answer.get("err_code")}
+        if 200 <= status < 300:
+            return
+        if CODE_DUPLICATE_REPLY in codes:
+            self.log.info("reply already delivered platform=qqbot chat=%s msg=%s msg_seq=%d",
+                          out.chat_id, msg_id, msg_seq)
+            return
+        detail = f"HTTP {status} code {answer.get('code')}: {str(answer.get('message'))[:120]}"
+        if status == 429:
+            raise SendError(f"rate limited ({detail})", retry_after=_retry_after(resp))
+        if status >= 500 or status in (401, 408):
+            raise SendError(f"reply not accepted ({detail})")
+        raise SendError(f"reply refused ({detail})", retryable=False)

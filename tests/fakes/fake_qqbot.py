@@ -1,0 +1,413 @@
+"""A strict fake of the QQ Bot open platform: token endpoint, gateway URL, gateway v2 WebSocket
+and passive-reply REST, as shared/PROTOCOLS.md describes them.
+
+What it enforces (each rule makes the real server drop, reject or replay):
+- token: wrong app id / secret -> code 100007 / 100016; `expires_in` is a string; the same
+  token is handed out until the last `token_renew_window_s` of its life, then a new one (the old
+  one stays valid until its own expiry); REST with an unknown or expired token -> 401.
+- gateway: Hello first; no heartbeat within `heartbeat_deadline_s` (of the connection, then of
+  the previous beat) -> close 4009; identify with a bad token -> 4004, bad intents -> 4013/4014,
+  bad shard -> 4010; unknown op -> 4001; malformed payload -> 4002; resume of an unknown or
+  invalidated session -> op 9 (the socket stays open); resume with a seq from the future -> 4007;
+  resume replays every event after the client's seq, then RESUMED.
+- replies: only to a known inbound message of that chat, within the passive window (60 min DM,
+  5 min group), at most `max_replies_per_msg` per msg_id, and a repeated (msg_id, msg_seq) is
+  rejected with 40054005 (HTTP 400) like the real one. A missing msg_seq counts as 1.
+
+Use from tests, the demo and benchmarks:
+    fake = FakeQQBotServer(heartbeat_interval_ms=200).start()
+    msg_id = fake.send_user_message("hi")                       # a C2C message
+    fake.send_user_message("hi all", kind="group", group_openid="g1", member_openid="m1")
+    fake.replies            # accepted replies: Reply(msg_id, msg_seq, content, kind, openid, at)
+    fake.rejected           # refused replies with their code
+    fake.keepalive_times[conn_id], fake.keepalive_lateness(conn_id)
+    faults: drop(), close_with(code), go_silent(s), send_garbage(data), send_raw_frame(bytes),
+            rest_delay_s, rest_429(n, retry_after), fail_replies(n, status), send_op7(),
+            send_op9(), expire_tokens(), reject_tokens = True
+Events sent while no client is connected are kept in the session and replayed on resume; events
+sent before any session exists are delivered after the next identify.
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from geventwebsocket.websocket import WebSocket
+
+from tests.fakes.harness import Conn, FakePlatformServer
+
+INTENT_GROUP_AND_C2C = 1 << 25
+INTENT_DIRECT_MESSAGE = 1 << 12
+INTENT_PUBLIC_GUILD_MESSAGES = 1 << 30
+ALL_INTENTS = (1 << 31) - 1
+
+CODE_DUPLICATE = 40054005  # real: "消息被去重，请检查请求msgseq"
+CODE_TOKEN = 11244  # real code for a bad/expired token is *unverified*
+# The codes below are the fake's own (the real ones are *unverified*); tests match on status.
+CODE_BAD_MSG_ID = 40034024
+CODE_WINDOW_EXPIRED = 40034025
+CODE_REPLY_LIMIT = 40034026
+CODE_BAD_REQUEST = 40034001
+
+_REPLY_PATH = re.compile(r"^/v2/(users|groups)/([^/]+)/messages$")
+
+
+@dataclass
+class Reply:
+    msg_id: str
+    msg_seq: int
+    content: str
+    kind: str  # "c2c" | "group"
+    openid: str  # user openid or group openid
+    at: float  # time.monotonic()
+    reply_id: str
+
+
+@dataclass
+class Rejected:
+    msg_id: Any
+    msg_seq: Any
+    status: int
+    code: int
+    at: float
+
+
+@dataclass
+class UserMessage:
+    msg_id: str
+    kind: str
+    openid: str  # chat: user openid (c2c) or group openid
+    text: str
+    at: float
+
+
+@dataclass
+class Session:
+    id: str
+    seq: int = 0
+    events: list[tuple[int, dict]] = field(default_factory=list)  # replayable dispatches
+    conn: Conn | None = None
+    valid: bool = True
+
+
+class FakeQQBotServer(FakePlatformServer):
+    ws_path = "/websocket"
+
+    def __init__(self, *, app_id: str = "102000001", client_secret: str = "fake-client-secret",
+                 heartbeat_interval_ms: float = 41250, heartbeat_deadline_s: float | None = None,
+                 token_ttl_s: float = 7200.0, token_renew_window_s: float = 60.0,
+                 reply_window_dm_s: float = 3600.0, reply_window_group_s: float = 300.0,
+                 max_replies_per_msg: int = 5, allowed_intents: int = ALL_INTENTS) -> None:
+        super().__init__()
+        self.app_id, self.client_secret = app_id, client_secret
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        # The real server closes after ~60 s without a beat, with a ~41 s interval: 1.5x.
+        self.heartbeat_deadline_s = (heartbeat_deadline_s if heartbeat_deadline_s is not None
+                                     else heartbeat_interval_ms / 1000.0 * 1.5)
+        self.token_ttl_s, self.token_renew_window_s = token_ttl_s, token_renew_window_s
+        self.reply_window_s = {"c2c": reply_window_dm_s, "group": reply_window_group_s}
+        self.max_replies_per_msg = max_replies_per_msg
+        self.allowed_intents = allowed_intents
+        self.bot_id = "fake-bot-" + app_id
+        # records
+        self.replies: list[Reply] = []
+        self.rejected: list[Rejected] = []
+        self.user_messages: dict[str, UserMessage] = {}
+        self.keepalive_times: dict[int, list[float]] = {}
+        self.hello_times: dict[int, tuple[float, float]] = {}  # conn -> (sent at, interval s)
+        self.token_requests = 0
+        # state
+        self.tokens: dict[str, float] = {}  # token -> expires at (monotonic)
+        self._current_token: str | None = None
+        self.sessions: dict[str, Session] = {}
+        self.current: Session | None = None
+        self.pending: list[tuple[str, dict]] = []  # events before any session exists
+        # faults
+        self.reject_tokens = False  # every REST call with a token answers 401
+        self._fail_replies: list[int] = []
+
+    # -- URLs ----------------------------------------------------------------------------------
+    @property
+    def token_url(self) -> str:
+        return f"{self.http_base}/app/getAppAccessToken"
+
+    # -- test controls -------------------------------------------------------------------------
+    def send_user_message(self, text: str, kind: str = "c2c", *, openid: str = "user-openid-1",
+                          group_openid: str = "group-openid-1",
+                          member_openid: str = "member-openid-1",
+                          attachments: list[dict] | None = None) -> str:
+        """A user writes to the bot (C2C) or @-mentions it in a group. Returns the message id."""
+        msg_id = f"ROBOT1.0_{uuid.uuid4().hex}"
+        now = time.monotonic()
+        if kind == "c2c":
+            event = "C2C_MESSAGE_CREATE"
+            d = {"id": msg_id, "content": text, "timestamp": _iso(),
+                 "author": {"user_openid": openid, "id": openid}}
+            chat = openid
+        elif kind == "group":
+            event = "GROUP_AT_MESSAGE_CREATE"
+            d = {"id": msg_id, "content": " " + text, "timestamp": _iso(),
+                 "group_openid": group_openid, "group_id": group_openid,
+                 "author": {"member_openid": member_openid, "id": member_openid}}
+            chat = group_openid
+        else:
+            raise ValueError(f"kind must be c2c or group, not {kind!r}")
+        if attachments:
+            d["attachments"] = attachments
+        self.user_messages[msg_id] = UserMessage(msg_id, kind, chat, text, now)
+        self.dispatch(event, d)
+        return msg_id
+
+    def dispatch(self, event: str, d: Any) -> None:
+        """Send any dispatch event (unknown types included) to the current session."""
+        if self.current is None or not self.current.valid:
+            self.pending.append((event, d))
+            self.changed()
+            return
+        self._dispatch(self.current, event, d)
+
+    def send_op7(self) -> None:
+        """Server asks for a reconnect + resume (the socket is left open)."""
+        for conn in self.live_conns():
+            conn.send({"op": 7})
+
+    def send_op9(self) -> None:
+        """Invalid session: the client must identify fresh (the socket is left open)."""
+        self.invalidate_sessions()
+        for conn in self.live_conns():
+            conn.send({"op": 9, "d": False})
+
+    def invalidate_sessions(self) -> None:
+        for session in self.sessions.values():
+            session.valid = False
+
+    def expire_tokens(self) -> None:
+        now = time.monotonic()
+        for token in self.tokens:
+            self.tokens[token] = now
+        self._current_token = None
+
+    def fail_replies(self, times: int = 1, status: int = 500) -> None:
+        self._fail_replies.extend([status] * times)
+
+    def send_raw_frame(self, payload: bytes, opcode: int = WebSocket.OPCODE_TEXT) -> None:
+        """Bytes as one frame of `opcode`, unchecked (e.g. invalid UTF-8 in a text frame)."""
+        for conn in self.live_conns():
+            try:
+                conn.ws.send_frame(payload, opcode)
+            except Exception:
+                pass
+
+    # -- records for tests and benchmarks ------------------------------------------------------
+    def keepalive_lateness(self, conn_id: int) -> list[float]:
+        """Seconds each heartbeat came after its slot on the timetable Hello announced
+        (beat k is due at hello + k * interval); negative means early."""
+        sent_at, interval = self.hello_times[conn_id]
+        return [t - (sent_at + k * interval)
+                for k, t in enumerate(self.keepalive_times.get(conn_id, []), start=1)]
+
+    def out_events(self, event: str | None = None, conn_id: int | None = None) -> list[dict]:
+        return [f.data for f in self.frames if f.direction == "out" and isinstance(f.data, dict)
+                and f.data.get("op") == 0 and (event is None or f.data.get("t") == event)
+                and (conn_id is None or f.conn_id == conn_id)]
+
+    def delivered_ids(self) -> list[str]:
+        """Message ids as often as they went out on the wire (replays count again)."""
+        return [f["d"]["id"] for f in self.out_events()
+                if f.get("t") in ("C2C_MESSAGE_CREATE", "GROUP_AT_MESSAGE_CREATE")]
+
+    def client_ops(self, conn_id: int | None = None) -> list[int]:
+        return [d.get("op") for d in self.frames_in(conn_id) if isinstance(d, dict)]
+
+    def conn_ids(self) -> list[int]:
+        return sorted(self.conns)
+
+    # -- REST ----------------------------------------------------------------------------------
+    def routes(self):
+        return {
+            ("POST", "/app/getAppAccessToken"): self._token,
+            ("GET", "/gateway/bot"): self._gateway,
+            ("POST", "/v2/"): self._reply,
+        }
+
+    def _token(self, request: dict) -> tuple:
+        self.token_requests += 1
+        body = request["json"] if isinstance(request["json"], dict) else {}
+        if body.get("appId") != self.app_id:
+            return 200, {"code": 100007, "message": "appid invalid"}
+        if body.get("clientSecret") != self.client_secret:
+            return 200, {"code": 100016, "message": "invalid appid or secret"}
+        now = time.monotonic()
+        token = self._current_token
+        if token is None or self.tokens[token] - now <= self.token_renew_window_s:
+            token = uuid.uuid4().hex
+            self.tokens[token] = now + self.token_ttl_s
+            self._current_token = token
+        remaining = self.tokens[token] - now
+        return 200, {"access_token": token, "expires_in": f"{round(remaining, 3):g}"}
+
+    def token_valid(self, header_or_token: Any, *, prefix: str = "QQBot ") -> bool:
+        if self.reject_tokens or not isinstance(header_or_token, str):
+            return False
+        if not header_or_token.startswith(prefix):
+            return False
+        expires = self.tokens.get(header_or_token[len(prefix):])
+        return expires is not None and expires > time.monotonic()
+
+    def _unauthorized(self, request: dict) -> tuple | None:
+        if self.token_valid(request["headers"].get("Authorization")):
+            return None
+        return 401, {"code": CODE_TOKEN, "err_code": CODE_TOKEN,
+                     "message": "token not exist or expire"}
+
+    def _gateway(self, request: dict) -> tuple:
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
+        return 200, {"url": self.ws_url, "shards": 1,
+                     "session_start_limit": {"total": 1000, "remaining": 999,
+                                             "reset_after": 86400000, "max_concurrency": 1}}
+
+    def _reply(self, request: dict) -> tuple:
+        m = _REPLY_PATH.match(request["path"])
+        if m is None:
+            return 404, {"code": 404, "message": "no such route"}
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
+        kind = "c2c" if m.group(1) == "users" else "group"
+        openid = m.group(2)
+        body = request["json"] if isinstance(request["json"], dict) else {}
+        msg_id, msg_seq = body.get("msg_id"), body.get("msg_seq", 1)
+        if self._fail_replies:
+            status = self._fail_replies.pop(0)
+            return self._reject(msg_id, msg_seq, status, status, "injected failure")
+        content = body.get("content")
+        if (body.get("msg_type") != 0 or not isinstance(content, str) or not content
+                or not isinstance(msg_seq, int) or isinstance(msg_seq, bool) or msg_seq < 1):
+            return self._reject(msg_id, msg_seq, 400, CODE_BAD_REQUEST, "invalid request")
+        original = self.user_messages.get(msg_id) if isinstance(msg_id, str) else None
+        if original is None or original.kind != kind or original.openid != openid:
+            return self._reject(msg_id, msg_seq, 400, CODE_BAD_MSG_ID, "msg_id invalid")
+        if time.monotonic() - original.at > self.reply_window_s[kind]:
+            return self._reject(msg_id, msg_seq, 400, CODE_WINDOW_EXPIRED,
+                                "passive reply window expired")
+        earlier = [r for r in self.replies if r.msg_id == msg_id]
+        if any(r.msg_seq == msg_seq for r in earlier):
+            return self._reject(msg_id, msg_seq, 400, CODE_DUPLICATE,
+                                "消息被去重，请检查请求msgseq")
+        if len(earlier) >= self.max_replies_per_msg:
+            return self._reject(msg_id, msg_seq, 400, CODE_REPLY_LIMIT,
+                                "passive reply limit reached")
+        reply = Reply(msg_id, msg_seq, content, kind, openid, time.monotonic(),
+                      uuid.uuid4().hex)
+        self.replies.append(reply)
+        self.changed()
+        return 200, {"id": reply.reply_id, "timestamp": _iso()}
+
+    def _reject(self, msg_id, msg_seq, status: int, code: int, message: str) -> tuple:
+        self.rejected.append(Rejected(msg_id, msg_seq, status, code, time.monotonic()))
+        self.changed()
+        return status, {"code": code, "err_code": code, "message": message,
+                        "trace_id": uuid.uuid4().hex}
+
+    # -- gateway -------------------------------------------------------------------------------
+    def on_connect(self, conn: Conn, request: dict) -> bool:
+        conn.state.update(session=None)
+        self.keepalive_times[conn.id] = []
+        conn.expect_keepalive(self.heartbeat_deadline_s, 4009)
+        interval_ms = self.heartbeat_interval_ms
+        if conn.send({"op": 10, "d": {"heartbeat_interval": interval_ms}}):
+            self.hello_times[conn.id] = (time.monotonic(), interval_ms / 1000.0)
+        return True
+
+    def on_frame(self, conn: Conn, data: Any) -> None:
+        if not isinstance(data, dict) or not isinstance(data.get("op"), int):
+            return conn.close(4002, "invalid payload", reason="bad_payload")
+        op, d = data["op"], data.get("d")
+        if op == 1:
+            if d is not None and not isinstance(d, int):
+                return conn.close(4002, "invalid heartbeat seq", reason="bad_payload")
+            conn.keepalive()
+            self.keepalive_times[conn.id].append(time.monotonic())
+            conn.send({"op": 11})
+        elif op == 2:
+            self._identify(conn, d)
+        elif op == 6:
+            self._resume(conn, d)
+        else:
+            conn.close(4001, "invalid opcode", reason="bad_opcode")
+
+    def _identify(self, conn: Conn, d: Any) -> None:
+        if not isinstance(d, dict) or conn.state["session"] is not None:
+            return conn.close(4002, "invalid payload", reason="bad_identify")
+        if not self.token_valid(d.get("token")):
+            self.log_event("identify_bad_token", conn)
+            return conn.close(4004, "invalid token", reason="bad_token")
+        intents = d.get("intents")
+        if not isinstance(intents, int) or isinstance(intents, bool) or intents <= 0:
+            return conn.close(4013, "invalid intent", reason="bad_intents")
+        if intents & ~self.allowed_intents:
+            return conn.close(4014, "intent no permission", reason="intents_not_allowed")
+        shard = d.get("shard")
+        if (not isinstance(shard, list) or len(shard) != 2
+                or not all(isinstance(x, int) for x in shard) or not 0 <= shard[0] < shard[1]):
+            return conn.close(4010, "invalid shard", reason="bad_shard")
+        session = Session(uuid.uuid4().hex)
+        self.sessions[session.id] = session
+        self.current = session
+        self._bind(session, conn)
+        self.log_event("identify", conn)
+        self._dispatch(session, "READY", {
+            "version": 1, "session_id": session.id, "shard": shard,
+            "user": {"id": self.bot_id, "username": "fake-bot", "bot": True}}, store=False)
+        pending, self.pending = self.pending, []
+        for event, payload in pending:
+            self._dispatch(session, event, payload)
+
+    def _resume(self, conn: Conn, d: Any) -> None:
+        if not isinstance(d, dict) or conn.state["session"] is not None:
+            return conn.close(4002, "invalid payload", reason="bad_resume")
+        if not self.token_valid(d.get("token")):
+            self.log_event("resume_bad_token", conn)
+            return conn.close(4004, "invalid token", reason="bad_token")
+        session = self.sessions.get(d.get("session_id"))
+        seq = d.get("seq")
+        if session is None or not session.valid:
+            self.log_event("resume_refused", conn)
+            conn.send({"op": 9, "d": False})
+            return
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= session.seq:
+            return conn.close(4007, "invalid seq", reason="bad_seq")
+        missed = [frame for s, frame in session.events if s > seq]  # snapshot, then bind
+        self._bind(session, conn)
+        self.log_event("resume", conn)
+        for frame in missed:
+            conn.send(frame)
+        conn.send({"op": 0, "s": session.seq, "t": "RESUMED", "d": ""})
+
+    def _bind(self, session: Session, conn: Conn) -> None:
+        old = session.conn
+        if old is not None and old is not conn and not old.closed.is_set():
+            old.close(4009, "session taken over", reason="kicked")
+        session.conn = conn
+        conn.state["session"] = session
+
+    def _dispatch(self, session: Session, event: str, d: Any, *, store: bool = True) -> None:
+        session.seq += 1
+        frame = {"op": 0, "s": session.seq, "t": event, "d": d,
+                 "id": f"{event}:{uuid.uuid4().hex[:16]}"}
+        if store:
+            session.events.append((session.seq, frame))
+        conn = session.conn
+        if conn is not None and not conn.closed.is_set():
+            conn.send(frame)
+        else:
+            self.changed()
+
+
+def _iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+08:00", time.localtime())

@@ -1,0 +1,331 @@
+"""A strict fake of the WeCom AI-bot long-connection server (wss://openws.work.weixin.qq.com).
+
+It enforces what makes the real server drop, refuse or forget (shared/PROTOCOLS.md, WeCom):
+- auth: the first useful frame is `aibot_subscribe` with the right bot_id/secret; any other
+  command before it is refused;
+- keepalive: a connection whose last `ping` is older than `keepalive_deadline_s` is closed
+  (the real deadline is unverified; the default is 2.5 x the client's expected ping interval);
+- one live connection per bot: a new subscribe sends the old connection `disconnected_event`
+  and closes it;
+- every command is answered with a frame that has no `cmd` and echoes its req_id;
+- replies (`aibot_respond_msg`) must reuse a req_id issued in a callback that is still valid
+  (`req_id_ttl_s`), else 846605; a stream open longer than `stream_max_s` gets 846608;
+  content is limited to 20480 bytes; proactive messages (`aibot_send_msg`) only go to chats
+  that have written to the bot.
+
+Test and demo API:
+    fake = FakeWeComServer(bot_id=..., secret=..., ping_interval_s=0.3).start()
+    WeComConfig(..., url=fake.ws_url)
+    msgid = fake.send_user_message("hi", chattype="single", userid="alice")
+    fake.replies            Reply(msgid, chatid, content, kind "stream"|"proactive", ...) per
+                            answer the user sees (a repeated identical finish is not a new one)
+    fake.keepalive_times    conn_id -> monotonic receipt time of every ping
+    fake.keepalive_lateness(conn_id, interval_s)   how late each ping was against the timetable
+                            that starts at the subscribe answer
+    faults: drop(), close_with(code), go_silent(s), send_garbage(data) (harness), kick(),
+            refuse_subscribe(n, errcode), withhold_answers(n), answer_delay_s, expire_req_ids(),
+            advance_time(s) (moves the fake's validity clock: req_id ttl, stream age)
+The WeCom protocol has no REST step, so the harness's REST faults do not apply.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+
+from .harness import Conn, FakePlatformServer
+
+ERR_OK = 0
+ERR_REQ_ID_INVALID = 846605
+ERR_STREAM_TOO_LONG = 846608
+# The real codes for these refusals are not documented; the fake uses its own (99xxxx).
+ERR_AUTH = 990001  # wrong bot_id / secret
+ERR_NOT_SUBSCRIBED = 990002  # a command before a successful subscribe
+ERR_BAD_REQUEST = 990003  # malformed body, unknown cmd, content too long
+ERR_STREAM_FINISHED = 990004  # a different frame for a stream already finished
+ERR_UNKNOWN_CHAT = 990005  # proactive message to a chat that never wrote to the bot
+
+CONTENT_MAX_BYTES = 20480
+
+
+@dataclass
+class Callback:
+    """One `aibot_msg_callback` the fake sent: what a reply's req_id must refer to."""
+    req_id: str
+    msgid: str
+    chatid: str  # group chatid, or the user's id for a DM
+    chattype: str
+    userid: str
+    issued_at: float  # fake clock
+    conn_id: int
+    stream_id: str | None = None
+    stream_opened_at: float | None = None  # fake clock
+    finished_content: str | None = None
+
+
+@dataclass
+class Reply:
+    """An answer the user sees: a finished stream or an accepted proactive message."""
+    msgid: str | None  # the inbound message it answers (proactive: the oldest unanswered one
+    chatid: str  # in that chat, else None)
+    content: str
+    kind: str  # "stream" | "proactive"
+    req_id: str
+    conn_id: int
+    at: float = field(default_factory=time.monotonic)
+
+
+class FakeWeComServer(FakePlatformServer):
+    ws_path = "/"
+
+    def __init__(self, *, bot_id: str = "bot-1", secret: str = "s3cret",
+                 ping_interval_s: float = 30.0, keepalive_deadline_s: float | None = None,
+                 stream_max_s: float = 360.0, req_id_ttl_s: float = 360.0,
+                 req_ids_survive_reconnect: bool = True) -> None:
+        super().__init__()
+        self.bot_id = bot_id
+        self.secret = secret
+        self.ping_interval_s = ping_interval_s
+        self.keepalive_deadline_s = (keepalive_deadline_s if keepalive_deadline_s is not None
+                                     else 2.5 * ping_interval_s)
+        self.stream_max_s = stream_max_s
+        self.req_id_ttl_s = req_id_ttl_s
+        self.req_ids_survive_reconnect = req_ids_survive_reconnect
+        # records
+        self.callbacks: dict[str, Callback] = {}  # req_id -> callback
+        self.replies: list[Reply] = []
+        self.stream_updates: list[tuple[str, str]] = []  # (req_id, content) of finish=false
+        self.repeated_finishes: list[str] = []  # req_ids finished again with the same content
+        self.refusals: list[tuple[str, str, int]] = []  # (cmd, req_id, errcode)
+        self.undelivered: list[str] = []  # msgids sent while no connection was subscribed
+        self.keepalive_times: dict[int, list[float]] = {}
+        self.subscribed_at: dict[int, float] = {}  # conn_id -> monotonic time of the answer
+        self.chats: set[str] = set()  # chats that wrote to the bot (proactive allowed)
+        # faults
+        self.answer_delay_s = 0.0
+        self._withhold = 0
+        self._refuse: list[int] = []
+        self._time_offset = 0.0
+        self._current: Conn | None = None  # the subscribed connection of the bot
+
+    # -- clock -------------------------------------------------------------------------------
+    def now(self) -> float:
+        """The fake's validity clock (monotonic + whatever `advance_time` added)."""
+        return time.monotonic() + self._time_offset
+
+    def advance_time(self, seconds: float) -> None:
+        self._time_offset += seconds
+
+    # -- faults ------------------------------------------------------------------------------
+    def refuse_subscribe(self, times: int = 1, errcode: int = ERR_AUTH) -> None:
+        self._refuse.extend([errcode] * times)
+
+    def withhold_answers(self, times: int = 1) -> None:
+        """Process the next `times` reply/send commands but never answer them (a lost ack)."""
+        self._withhold += times
+
+    def expire_req_ids(self) -> None:
+        """Every req_id issued so far is now invalid (846605), as after a long pause."""
+        for cb in self.callbacks.values():
+            cb.issued_at = float("-inf")
+
+    def kick(self) -> None:
+        """Another instance subscribed for this bot: the current connection is told and closed."""
+        conn = self._current
+        if conn is not None:
+            self._kick(conn)
+            self._current = None
+
+    # -- test API ----------------------------------------------------------------------------
+    @property
+    def current_conn_id(self) -> int | None:
+        conn = self._current
+        return conn.id if conn is not None and not conn.closed.is_set() else None
+
+    def send_user_message(self, text: str = "hello", *, chattype: str = "single",
+                          userid: str = "alice", chatid: str | None = None,
+                          msgtype: str = "text", payload: Any = None,
+                          msgid: str | None = None) -> str:
+        """Push an `aibot_msg_callback` to the subscribed connection; returns the msgid.
+        `payload` is the body's `msgtype` part (default: `{"content": text}` for text/voice, a
+        fake url + aeskey for image/file/video, one text item for mixed)."""
+        msgid = msgid or f"msg-{uuid.uuid4().hex[:16]}"
+        req_id = f"cb-{uuid.uuid4().hex[:16]}"
+        if chattype == "group":
+            chatid = chatid or "group-1"
+        conv = chatid if chattype == "group" else userid
+        body: dict[str, Any] = {"msgid": msgid, "aibotid": self.bot_id, "chattype": chattype,
+                                "from": {"userid": userid}, "msgtype": msgtype}
+        if chattype == "group":
+            body["chatid"] = chatid
+        body[msgtype] = payload if payload is not None else _default_payload(msgtype, text)
+        conn = self._current
+        if conn is None or conn.closed.is_set():
+            self.undelivered.append(msgid)
+            return msgid
+        self.callbacks[req_id] = Callback(req_id, msgid, conv, chattype, userid, self.now(),
+                                          conn.id)
+        self.chats.add(conv)
+        if not conn.send({"cmd": "aibot_msg_callback", "headers": {"req_id": req_id},
+                          "body": body}):
+            self.undelivered.append(msgid)
+        return msgid
+
+    def send_event(self, eventtype: str, *, userid: str = "alice") -> None:
+        conn = self._current
+        if conn is not None:
+            conn.send(_event_frame(self.bot_id, eventtype, userid))
+
+    def replies_to(self, msgid: str) -> list[Reply]:
+        return [r for r in self.replies if r.msgid == msgid]
+
+    def keepalive_lateness(self, conn_id: int, interval_s: float) -> list[float]:
+        """Seconds each ping arrived after its slot on the timetable that starts when the
+        subscribe was answered (slot k at start + k * interval_s, k = 1, 2, ...)."""
+        start = self.subscribed_at.get(conn_id)
+        if start is None:
+            return []
+        return [t - (start + k * interval_s)
+                for k, t in enumerate(self.keepalive_times.get(conn_id, []), start=1)]
+
+    def frames_in_cmd(self, cmd: str, conn_id: int | None = None) -> list[dict]:
+        return [f for f in self.frames_in(conn_id) if isinstance(f, dict) and f.get("cmd") == cmd]
+
+    # -- protocol ----------------------------------------------------------------------------
+    def on_connect(self, conn: Conn, request: dict) -> bool:
+        conn.state["subscribed"] = False
+        self.keepalive_times[conn.id] = []
+        conn.expect_keepalive(self.keepalive_deadline_s)
+        return True
+
+    def on_frame(self, conn: Conn, data: Any) -> None:
+        if not isinstance(data, dict):
+            self.log_event("client_sent_non_object", conn)
+            return
+        headers = data.get("headers")
+        req_id = headers.get("req_id") if isinstance(headers, dict) else None
+        if not isinstance(req_id, str) or not req_id:
+            self.log_event("client_sent_no_req_id", conn)
+            return
+        cmd = data.get("cmd")
+        body = data.get("body") if isinstance(data.get("body"), dict) else {}
+        if cmd == "ping":
+            conn.keepalive()
+            self.keepalive_times[conn.id].append(time.monotonic())
+            self.changed()
+            return self._answer(conn, "ping", req_id, ERR_OK)
+        if cmd == "aibot_subscribe":
+            return self._subscribe(conn, req_id, body)
+        if not conn.state["subscribed"]:
+            return self._answer(conn, cmd, req_id, ERR_NOT_SUBSCRIBED, "not subscribed")
+        if cmd == "aibot_respond_msg":
+            return self._respond(conn, req_id, body)
+        if cmd == "aibot_send_msg":
+            return self._send_msg(conn, req_id, body)
+        self._answer(conn, cmd, req_id, ERR_BAD_REQUEST, "unknown cmd")
+
+    def _subscribe(self, conn: Conn, req_id: str, body: dict) -> None:
+        if self._refuse:
+            return self._answer(conn, "aibot_subscribe", req_id, self._refuse.pop(0),
+                                "subscribe refused")
+        if body.get("bot_id") != self.bot_id or body.get("secret") != self.secret:
+            return self._answer(conn, "aibot_subscribe", req_id, ERR_AUTH, "invalid bot or secret")
+        old = self._current
+        conn.state["subscribed"] = True
+        self._current = conn
+        self.subscribed_at[conn.id] = time.monotonic()
+        self._answer(conn, "aibot_subscribe", req_id, ERR_OK)
+        if old is not None and old is not conn and not old.closed.is_set():
+            self._kick(old)
+
+    def _kick(self, conn: Conn) -> None:
+        conn.send(_event_frame(self.bot_id, "disconnected_event", None))
+        conn.close(None, reason="kicked")
+
+    def _respond(self, conn: Conn, req_id: str, body: dict) -> None:
+        cmd = "aibot_respond_msg"
+        cb = self.callbacks.get(req_id)
+        if (cb is None or self.now() - cb.issued_at > self.req_id_ttl_s
+                or (not self.req_ids_survive_reconnect and cb.conn_id != conn.id)):
+            return self._answer(conn, cmd, req_id, ERR_REQ_ID_INVALID, "invalid req_id")
+        stream = body.get("stream")
+        if (body.get("msgtype") != "stream" or not isinstance(stream, dict)
+                or not isinstance(stream.get("id"), str) or not stream["id"]
+                or not isinstance(stream.get("finish", False), bool)
+                or not isinstance(stream.get("content", ""), str)):
+            return self._answer(conn, cmd, req_id, ERR_BAD_REQUEST, "invalid stream body")
+        content, finish = stream.get("content", ""), stream.get("finish", False)
+        if len(content.encode("utf-8")) > CONTENT_MAX_BYTES:
+            return self._answer(conn, cmd, req_id, ERR_BAD_REQUEST, "content too long")
+        if cb.stream_id is None:
+            cb.stream_id, cb.stream_opened_at = stream["id"], self.now()
+        elif cb.stream_id != stream["id"]:
+            return self._answer(conn, cmd, req_id, ERR_BAD_REQUEST, "one stream per callback")
+        if cb.finished_content is not None:
+            if finish and content == cb.finished_content:  # a re-send of the same finish
+                self.repeated_finishes.append(req_id)
+                return self._answer(conn, cmd, req_id, ERR_OK)
+            return self._answer(conn, cmd, req_id, ERR_STREAM_FINISHED, "stream finished")
+        if self.now() - cb.stream_opened_at > self.stream_max_s:
+            return self._answer(conn, cmd, req_id, ERR_STREAM_TOO_LONG, "stream expired")
+        if finish:
+            cb.finished_content = content
+            self.replies.append(Reply(cb.msgid, cb.chatid, content, "stream", req_id, conn.id))
+        else:
+            self.stream_updates.append((req_id, content))
+        self._answer(conn, cmd, req_id, ERR_OK)
+
+    def _send_msg(self, conn: Conn, req_id: str, body: dict) -> None:
+        cmd = "aibot_send_msg"
+        chatid = body.get("chatid")
+        markdown = body.get("markdown")
+        content = markdown.get("content") if isinstance(markdown, dict) else None
+        if (not isinstance(chatid, str) or body.get("msgtype") != "markdown"
+                or not isinstance(content, str)
+                or len(content.encode("utf-8")) > CONTENT_MAX_BYTES):
+            return self._answer(conn, cmd, req_id, ERR_BAD_REQUEST, "invalid message")
+        if chatid not in self.chats:
+            return self._answer(conn, cmd, req_id, ERR_UNKNOWN_CHAT, "chat never wrote to the bot")
+        answered = {r.msgid for r in self.replies}
+        pending = [cb.msgid for cb in self.callbacks.values()
+                   if cb.chatid == chatid and cb.msgid not in answered]
+        self.replies.append(Reply(pending[0] if pending else None, chatid, content, "proactive",
+                                  req_id, conn.id))
+        self._answer(conn, cmd, req_id, ERR_OK)
+
+    def _answer(self, conn: Conn, cmd: Any, req_id: str, errcode: int, errmsg: str = "ok") -> None:
+        if errcode != ERR_OK:
+            self.refusals.append((str(cmd), req_id, errcode))
+        if cmd in ("aibot_respond_msg", "aibot_send_msg") and self._withhold > 0:
+            self._withhold -= 1
+            self.log_event("answer_withheld", conn)
+            return
+        frame = {"headers": {"req_id": req_id}, "errcode": errcode, "errmsg": errmsg}
+        if self.answer_delay_s and cmd != "ping":
+            gevent.spawn_later(self.answer_delay_s, conn.send, frame)
+        else:
+            conn.send(frame)
+
+
+def _default_payload(msgtype: str, text: str) -> Any:
+    if msgtype in ("text", "voice"):
+        return {"content": text}
+    if msgtype in ("image", "file", "video"):
+        return {"url": f"https://fake.invalid/{msgtype}/{uuid.uuid4().hex[:8]}",
+                "aeskey": "fake-aeskey"}
+    if msgtype == "mixed":
+        return {"msg_item": [{"msgtype": "text", "text": {"content": text}}]}
+    return {}
+
+
+def _event_frame(bot_id: str, eventtype: str, userid: str | None) -> dict:
+    body: dict[str, Any] = {"msgid": f"ev-{uuid.uuid4().hex[:12]}", "create_time": int(time.time()),
+                            "aibotid": bot_id, "msgtype": "event",
+                            "event": {"eventtype": eventtype}}
+    if userid is not None:
+        body["from"] = {"userid": userid}
+    return {"cmd": "aibot_event_callback", "headers": {"req_id": f"ev-{uuid.uuid4().hex[:12]}"},
+            "body": body}

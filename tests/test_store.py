@@ -1,0 +1,116 @@
+"""The SQLite store on a real file: de-duplication, one-transaction turn ends, outbox retries,
+bounded history, recovery lists, and clear errors for unusable files."""
+import pytest
+
+from hermes_green.models import Attachment, InboundMessage, OutboundMessage
+from hermes_green.store import Store, StoreError
+
+
+@pytest.fixture
+def store(data_dir):
+    s = Store(data_dir, history_limit=4).open()
+    yield s
+    s.close()
+
+
+def msg(mid="m1", chat="c1", text="hi"):
+    return InboundMessage("qqbot", mid, chat, "u1", text, reply_ref={"msg_id": mid},
+                          attachments=(Attachment("image", "https://x/1.png", "1.png"),))
+
+
+def part(mid="m1", seq=0, text="answer"):
+    return OutboundMessage("qqbot", "c1", text, in_reply_to=mid, reply_ref={"msg_id": mid}, seq=seq)
+
+
+def test_wal_mode_on_a_real_file(store):
+    assert store.path.exists()
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_redelivered_message_is_recognized(store):
+    assert store.journal_inbound(msg()) is True
+    assert store.journal_inbound(msg()) is False
+    assert store.journal_inbound(msg("m2")) is True
+
+
+def test_states_and_recovery_list(store):
+    store.journal_inbound(msg("m1"))
+    store.journal_inbound(msg("m2"))
+    store.mark_processing("qqbot", ["m1"])
+    pending = store.pending_inbound()
+    assert [(p.message.message_id, p.state, p.attempts) for p in pending] == \
+        [("m1", "processing", 1), ("m2", "received", 0)]
+    assert pending[0].message.attachments[0].name == "1.png"  # round-trips through JSON
+    store.finish_turn("qqbot", "c1", ["m1"], [part("m1")], user_text="hi", answer_text="answer")
+    assert store.inbound_state("qqbot", "m1") == "answered"
+    assert [p.message.message_id for p in store.pending_inbound()] == ["m2"]
+
+
+def test_finish_turn_is_atomic(store):
+    store.journal_inbound(msg("m1"))
+    bad = part("m1", 1)
+    bad.reply_ref = {"not json": object()}  # fails inside the transaction, after part 0
+    with pytest.raises(TypeError):
+        store.finish_turn("qqbot", "c1", ["m1"], [part("m1", 0), bad], user_text="hi",
+                          answer_text="a")
+    assert store.outbox_pending() == 0
+    assert store.inbound_state("qqbot", "m1") == "received"
+    assert store.history("qqbot", "c1", 10) == []
+
+
+def test_outbox_order_retry_and_done(store, monkeypatch):
+    now = [1000.0]
+    store._clock = lambda: now[0]
+    store.finish_turn("qqbot", "c1", ["m1"], [part("m1", 0, "a"), part("m1", 1, "b")],
+                      user_text="q", answer_text="ab")
+    due = store.outbox_due("qqbot")
+    assert [(o.seq, o.text) for o in due] == [(0, "a"), (1, "b")]
+    store.outbox_retry(due[0].outbox_id, 5.0, "timeout")
+    assert [o.seq for o in store.outbox_due("qqbot")] == [1]
+    now[0] += 5
+    again = store.outbox_due("qqbot")
+    assert [(o.seq, o.attempts) for o in again] == [(0, 1), (1, 0)]
+    store.outbox_done(again[0].outbox_id)
+    store.outbox_dead(again[1].outbox_id, "refused")
+    assert store.outbox_pending() == 0 and store.outbox_due("qqbot") == []
+
+
+def test_same_part_is_never_queued_twice(store):
+    ids1 = store.finish_turn("qqbot", "c1", ["m1"], [part("m1", 0)], user_text=None, answer_text=None)
+    ids2 = store.finish_turn("qqbot", "c1", ["m1"], [part("m1", 0)], user_text=None, answer_text=None)
+    assert len(ids1) == 1 and ids2 == [] and store.outbox_pending() == 1
+
+
+def test_history_is_bounded_per_chat(store):
+    for i in range(5):
+        store.finish_turn("qqbot", "c1", [], [], user_text=f"q{i}", answer_text=f"a{i}")
+        store.finish_turn("qqbot", "c2", [], [], user_text=f"other{i}", answer_text="x")
+    assert store.history("qqbot", "c1", 10) == [
+        {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"},
+        {"role": "user", "content": "q4"}, {"role": "assistant", "content": "a4"}]
+    assert store.history("qqbot", "c1", 2)[-1] == {"role": "assistant", "content": "a4"}
+    assert len(store.history("qqbot", "c2", 10)) == 4
+
+
+def test_state_survives_reopen(data_dir):
+    s = Store(data_dir).open()
+    s.journal_inbound(msg("m1"))
+    s.finish_turn("qqbot", "c1", ["m1"], [part("m1")], user_text="q", answer_text="a")
+    s.close()
+    s2 = Store(data_dir).open()
+    assert s2.journal_inbound(msg("m1")) is False
+    assert s2.outbox_pending() == 1
+    s2.close()
+
+
+def test_corrupt_file_is_a_clear_error(data_dir):
+    (data_dir / "hermes-green.sqlite3").write_bytes(b"garbage" * 500)
+    with pytest.raises(StoreError, match="not a usable SQLite database"):
+        Store(data_dir).open()
+
+
+def test_unwritable_data_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="gateway.data_dir: cannot create"):
+        Store(blocker / "sub").open()
