@@ -82,3 +82,58 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 60.0,
     return subprocess.run([sys.executable, BIN, *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, input=stdin,
                           cwd=str(ROOT))
+
+
+class GateAgent:
+    """A scripted agent: records every turn, and holds a turn whose text is in `gates` until
+    the test opens that gate. Records turns that were cancelled (interrupted)."""
+
+    def __init__(self) -> None:
+        self.turns: list[str] = []
+        self.cancelled: list[str] = []
+        self.gates: dict[str, gevent.event.Event] = {}
+        self.started = gevent.event.Event()
+
+    def hold(self, text: str) -> gevent.event.Event:
+        self.gates[text] = gevent.event.Event()
+        return self.gates[text]
+
+    def run_turn(self, turn) -> str:
+        self.turns.append(turn.text)
+        self.started.set()
+        try:
+            gate = self.gates.get(turn.text)
+            if gate is not None:
+                gate.wait()
+        except gevent.GreenletExit:
+            self.cancelled.append(turn.text)
+            raise
+        return f"answer: {turn.text}"
+
+    def close(self) -> None:
+        pass
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
+    """Wait on a condition that no fake signals (gateway-internal state)."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        gevent.sleep(0.005)
+    return value
+
+
+def start_inprocess_gateway(tmp_path, fake, agent, *, busy_mode="queue", extra_factories=None):
+    from hermes_green.config import Config
+    from hermes_green.gateway import Gateway
+    from tests.fakes.testchat_adapter import TestChatAdapter, testchat_config
+
+    config = Config.model_validate(base_config(tmp_path / "data", busy_mode=busy_mode))
+    factories = {"testchat": lambda cfg, on_message: TestChatAdapter(testchat_config(fake.ws_url),
+                                                                      on_message)}
+    factories.update(extra_factories or {})
+    gw = Gateway(config, agent=agent, adapter_factories=factories).start()
+    wait_until(lambda: "testchat" in gw.adapters and gw.adapters["testchat"].ready.is_set(),
+               what="testchat connected")
+    return gw
