@@ -22,6 +22,7 @@ if not monkey.is_module_patched("socket"):
 
 import collections  # noqa: E402  (everything below runs on a patched standard library)
 import logging  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -46,7 +47,7 @@ def percentile(values, q: float) -> float:
     data = sorted(values)
     if not data:
         return 0.0
-    k = max(0, min(len(data) - 1, int(round(q / 100.0 * len(data) + 0.5)) - 1))
+    k = max(0, min(len(data) - 1, math.ceil(q / 100.0 * len(data)) - 1))
     return data[k]
 
 

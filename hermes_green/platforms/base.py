@@ -198,6 +198,12 @@ class PlatformAdapter:
     def run(self) -> None:
         raise NotImplementedError
 
+    @classmethod
+    def check(cls, config) -> str:
+        """`hermes-green check`: perform the real auth step, keep no connection, return a
+        one-line detail; raise PlatformError (or any error) when it fails."""
+        raise NotImplementedError(f"{cls.name} has no check")
+
     def stop(self) -> None:
         self._stopping = True
 
@@ -271,6 +277,12 @@ class LongConnectionAdapter(PlatformAdapter):
         self._last_rx = 0.0
         self._heartbeat: gevent.Greenlet | None = None
         self._wakeup = gevent.event.Event()
+
+    @classmethod
+    def check(cls, config) -> str:
+        """Default: the REST steps before connecting (token, endpoint) are the auth step."""
+        url = cls(config, lambda msg: False).prepare()
+        return f"credentials accepted; gateway {url.split('?')[0]}"
 
     # -- protocol hooks ----------------------------------------------------------------------
     def prepare(self) -> str:
