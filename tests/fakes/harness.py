@@ -18,6 +18,7 @@ Faults (all take effect at once, on every live connection unless one is named):
 from __future__ import annotations
 
 import json
+import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -130,6 +131,19 @@ class Conn:
             self.server.changed()
 
 
+def _no_nagle(handle: Callable) -> Callable:
+    """Accepted sockets send small frames at once. Without TCP_NODELAY, a frame written while the
+    client has not yet ACKed the previous one (a pong, say) waits for the client's delayed ACK:
+    ~40 ms of latency that belongs to the fake, not to the adapter under test."""
+    def handle_no_nagle(sock, address):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        return handle(sock, address)
+    return handle_no_nagle
+
+
 class FakePlatformServer:
     """Base class of the platform fakes. Start with `start()`, stop with `stop()`."""
 
@@ -155,6 +169,7 @@ class FakePlatformServer:
     def start(self) -> "FakePlatformServer":
         self._server = pywsgi.WSGIServer((self.host, 0), self._app,
                                          handler_class=WebSocketHandler, log=None, error_log=None)
+        self._server.set_handle(_no_nagle(self._server.handle))
         self._server.start()
         self.port = self._server.server_port
         return self
