@@ -396,6 +396,8 @@ class LongConnectionAdapter(PlatformAdapter):
         self._set_state(State.CONNECTING)
         url = self.prepare()
         self._lost = gevent.event.AsyncResult()
+        if self._stopping:  # stop() came during prepare(): it could not reach this new _lost
+            return ConnectionLost("stopping")
         self._unanswered = 0
         self._beat_sent_at = None
         ws = websocket.WebSocket(enable_multithread=True, skip_utf8_validation=True)
