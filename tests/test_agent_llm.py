@@ -57,7 +57,7 @@ def test_streamed_text_reaches_the_callback_as_it_arrives(fake, client):
     completion = client.chat(USER, on_text=seen.append)
     assert completion.text == "Hello, streaming world!"
     assert completion.finish_reason == "stop" and completion.tool_calls == []
-    assert seen == ["Hello", "Hello, str", "Hello, streami", "Hello, streaming wor",
+    assert seen == ["Hello", "Hello, str", "Hello, streamin", "Hello, streaming wor",
                     "Hello, streaming world!"]
 
 

@@ -38,6 +38,8 @@ from requests.adapters import HTTPAdapter
 log = logging.getLogger("hermes_green.agent.llm")
 
 RETRY_AFTER_CAP_S = 30.0
+_DRAIN_MAX_BYTES = 65536
+_DRAIN_TIMEOUT_S = 1.0
 
 
 class LLMError(Exception):
@@ -283,6 +285,7 @@ class LLMClient:
             for chunk in _iter_body(resp.raw):
                 for data in parser.feed(chunk):
                     if acc.event(data, self.host):
+                        _drain(resp.raw)
                         return acc.completion()
             for data in parser.close():
                 if acc.event(data, self.host):
@@ -411,6 +414,20 @@ class _Accumulator:
                  for i, slot in sorted(self.calls.items())]
         return Completion(text="".join(self.text_parts), tool_calls=calls,
                           finish_reason=self.finish_reason, usage=self.usage)
+
+
+def _drain(raw) -> None:
+    """Read what follows `[DONE]` (the chunked terminator) so urllib3 hands the connection
+    back to the pool; `resp.close()` would otherwise drop it. Bounded in bytes and time."""
+    left = _DRAIN_MAX_BYTES
+    with gevent.Timeout(_DRAIN_TIMEOUT_S, False):
+        try:
+            for chunk in _iter_body(raw):
+                left -= len(chunk)
+                if left < 0:
+                    return
+        except (urllib3.exceptions.HTTPError, OSError):
+            return
 
 
 def _retry_after(resp) -> float | None:
