@@ -48,6 +48,7 @@ GAVE_UP_REPLY = ("Sorry, I could not answer this message: it was interrupted "
                  f"{MAX_TURN_ATTEMPTS} times by restarts.")
 OUTBOX_SEND_CONCURRENCY = 16  # chats whose replies are sent at the same time, per platform
 OUTBOX_FLUSH_MAX_S = 10.0
+CHECKPOINT_INTERVAL_S = 5.0  # WAL -> database file, in the threadpool (store.checkpoint)
 
 AdapterFactory = Callable[..., PlatformAdapter]
 
@@ -119,6 +120,7 @@ class Gateway:
                                                  name=f"supervisor:{name}"))
         for name in set(self._factories) | set(self.store.outbox_platforms()):
             self._ensure_outbox(name)
+        self._spawn(self._checkpoint_loop, name="store:checkpoint")
         self._recover()
         metrics.outbox_pending.set(self.store.outbox_pending())
         log.info("gateway started platforms=%s busy_mode=%s", ",".join(self._factories) or "none",
@@ -148,6 +150,14 @@ class Gateway:
                              user_text=None, answer_text=None)
             else:
                 self.sessions.submit(msg)
+
+    def _checkpoint_loop(self) -> None:
+        while True:
+            gevent.sleep(CHECKPOINT_INTERVAL_S)
+            try:
+                self.store.checkpoint()
+            except Exception as e:  # a failed checkpoint is retried next time; writes go on
+                log.warning("checkpoint failed error=%s", type(e).__name__)
 
     # -- supervision -------------------------------------------------------------------------
     def _supervise(self, name: str, cfg) -> None:

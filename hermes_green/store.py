@@ -13,8 +13,10 @@ happens" hold across reconnects, crashes and kill -9:
   with backoff, across reconnects and restarts.
 
 Every call is one short statement or transaction on the hub: WAL with synchronous=NORMAL commits
-without fsync on the hot path (the WAL is synced at checkpoints), so a write holds the hub for
-tens of microseconds (bench/store_write.py measures it). Calls are not made from threads.
+without fsync on the hot path, so a write holds the hub for tens of microseconds
+(bench/store_write.py measures it). The one slow operation, the WAL checkpoint (it fsyncs), is
+taken off the hub: automatic checkpoints are off, and `checkpoint()` runs one in gevent's
+threadpool on its own connection (SQLite releases the GIL while it does I/O).
 """
 from __future__ import annotations
 
@@ -95,6 +97,7 @@ class Store:
             db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
             db.execute("PRAGMA foreign_keys=ON")
             ok = db.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
@@ -114,8 +117,26 @@ class Store:
 
     def close(self) -> None:
         if self._db is not None:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # busy or already closing: the next open replays the WAL
             self._db.close()
             self._db = None
+
+    def checkpoint(self) -> int:
+        """Copy the WAL into the database file from a threadpool thread, so the fsync never
+        holds the hub. Returns the number of WAL frames checkpointed."""
+        import gevent
+        return gevent.get_hub().threadpool.apply(self._checkpoint_blocking)
+
+    def _checkpoint_blocking(self) -> int:
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=1.0)
+        try:
+            busy, log_frames, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return done
+        finally:
+            db.close()
 
     @property
     def db(self) -> sqlite3.Connection:

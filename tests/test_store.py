@@ -114,3 +114,16 @@ def test_unwritable_data_dir_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StoreError, match="gateway.data_dir: cannot create"):
         Store(blocker / "sub").open()
+
+
+def test_checkpoint_runs_off_the_hub_and_keeps_data(data_dir):
+    s = Store(data_dir).open()
+    for i in range(200):
+        s.journal_inbound(msg(f"m{i}"))
+    wal = data_dir / "hermes-green.sqlite3-wal"
+    assert wal.stat().st_size > 0  # automatic checkpoints are off: the WAL grew
+    assert s.checkpoint() > 0
+    s.close()
+    s2 = Store(data_dir).open()
+    assert s2.journal_inbound(msg("m199")) is False
+    s2.close()
