@@ -427,6 +427,13 @@ class FeishuAdapter(LongConnectionAdapter):
         self.service_id = 0
         self.device_id = ""
 
+    @classmethod
+    def check(cls, config) -> str:
+        adapter = cls(config, lambda msg: False)
+        url = adapter.prepare()
+        return (f"credentials accepted; bot open_id={adapter.bot_open_id}; "
+                f"gateway {url.split('?')[0]}")
+
     # -- before the socket ----------------------------------------------------------------
     def prepare(self) -> str:
         self.api.timeout_s = self.rest_timeout_s
