@@ -1,0 +1,567 @@
+"""A strict fake of Feishu's long connection and the REST calls the adapter makes.
+
+What it enforces, as the real server does (shared/PROTOCOLS.md, "Feishu"):
+- credentials on `POST /callback/ws/endpoint` and on the tenant token; every other REST call needs
+  a live `Authorization: Bearer <tenant token>` (expired or revoked -> code 99991663);
+- the WebSocket handshake needs a ticket issued by the endpoint call (single use) and fits under
+  `max_conns`; refusals come as HTTP headers Handshake-Status / -Msg / -Autherrcode;
+- keepalive: the first ping within `first_ping_deadline_s` of the upgrade, then one within
+  `keepalive_deadline_s` of the previous one (default: 2.5 x the PingInterval this connection was
+  last told, so a client that ignores a new ClientConfig from a pong is dropped); pings must be
+  control frames for our service_id with header `type: ping`;
+- every event must be acked (the same frame: all its headers, plus `biz_rt`, payload exactly
+  {"code": 200}) within `ack_deadline_s`, or it is delivered again (fresh frame message_id, same
+  event), up to `redeliver_limit` more times; events wait for a connection when none is up;
+- `split_parts` > 1 splits each payload over that many frames (`sum`/`seq`), `shuffle_parts`
+  sends them out of order;
+- replies honour `uuid`: one uuid makes at most one message (Feishu: within an hour).
+
+Public API for tests, the demo and benchmarks:
+    fake = FakeFeishuServer(ping_interval_s=0.25, ack_deadline_s=0.5).start()
+    config domain = fake.http_base
+    om_id = fake.send_user_message("hi", chat_type="p2p"|"group", open_id=..., chat_id=...,
+                                   mention_bot=True, message_type="text"|"image"|"file"|...)
+    fake.replies                 [Reply(message_id, text, uuid, chat_id, at, reply_id)]
+    fake.replies_to(om_id)
+    fake.deliveries              [Delivery(message_id, event_id, frame_msg_id, conn_id, sent_at,
+                                           acked_at)]  one per push of an event to a connection
+    fake.ack_times[om_id]        receipt times (monotonic) of valid acks
+    fake.ack_latencies()         acked_at - sent_at per acked delivery
+    fake.keepalive_times[conn_id]  receipt times of valid pings; keepalive_gaps(conn_id)
+    fake.frames / frames_in()    every frame, decoded to WireFrame (harness FrameRecord.data)
+    fake.protocol_errors         [(at, what, conn_id)] bad pings/acks the fake refused
+Faults: the harness's drop(), close_with(code), send_garbage(data), rest_delay_s, rest_429(n, s);
+go_silent(s) makes the current connections zombies (they swallow everything, enforce nothing;
+new connections work); reject_handshakes(n, status, autherrcode), fail_endpoint(n, code, status),
+lose_acks(n), truncate_next(), invalidate_tokens(), redeliver(om_id).
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import gevent
+import gevent.event
+import gevent.pool
+
+from hermes_green.platforms.feishu import load_frame_class
+from tests.fakes.harness import Conn, FakePlatformServer
+
+Frame = load_frame_class()
+
+CONTROL, DATA = 0, 1
+INVALID_TOKEN = 99991663
+
+
+@dataclass
+class WireFrame:
+    """One protobuf frame as the record keeps it."""
+    method: int
+    service: int
+    seq_id: int
+    headers: dict[str, str]
+    payload: bytes
+
+    @property
+    def type(self) -> str | None:
+        return self.headers.get("type")
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+@dataclass
+class Reply:
+    message_id: str | None  # the inbound message answered (None: a plain send to a chat)
+    text: str
+    uuid: str | None
+    chat_id: str
+    at: float
+    reply_id: str
+
+
+@dataclass
+class Delivery:
+    message_id: str  # the IM message (om_...) the event carries; "" for other events
+    event_id: str
+    frame_msg_id: str  # frame header message_id of this push
+    conn_id: int
+    sent_at: float
+    headers: list[dict[str, str]] = field(default_factory=list)  # one per part sent
+    acked_at: float | None = None
+    lost: bool = False  # swallowed by a zombie connection or a failed send
+
+
+@dataclass
+class PendingEvent:
+    envelope: dict
+    kind: str
+    message_id: str
+    event_id: str
+    acked: gevent.event.Event = field(default_factory=gevent.event.Event)
+    attempts: int = 0
+
+
+def _wire(frame) -> WireFrame:
+    return WireFrame(frame.method, frame.service, frame.SeqID,
+                     {h.key: h.value for h in frame.headers}, bytes(frame.payload))
+
+
+class FakeFeishuServer(FakePlatformServer):
+    json_frames = False
+    ws_path = "/ws"
+
+    def __init__(self, app_id: str = "cli_fake", app_secret: str = "fake-app-secret", *,
+                 ping_interval_s: float = 120.0, keepalive_deadline_s: float | None = None,
+                 first_ping_deadline_s: float = 1.0, ack_deadline_s: float = 3.0,
+                 redeliver_limit: int = 3, split_parts: int = 1, shuffle_parts: bool = False,
+                 pong_client_config: dict | None = None, token_expire_s: float = 7200,
+                 bot_open_id: str = "ou_bot", max_conns: int = 50,
+                 service_id: int = 33554678) -> None:
+        super().__init__()
+        self.app_id, self.app_secret = app_id, app_secret
+        self.ping_interval_s = ping_interval_s
+        self.keepalive_deadline_s = keepalive_deadline_s
+        self.first_ping_deadline_s = first_ping_deadline_s
+        self.ack_deadline_s = ack_deadline_s
+        self.redeliver_limit = redeliver_limit
+        self.split_parts, self.shuffle_parts = split_parts, shuffle_parts
+        self.pong_client_config = pong_client_config
+        self.token_expire_s = token_expire_s
+        self.bot_open_id = bot_open_id
+        self.max_conns = max_conns
+        self.service_id = service_id
+        # records
+        self.replies: list[Reply] = []
+        self.deliveries: list[Delivery] = []
+        self.ack_times: dict[str, list[float]] = {}
+        self.keepalive_times: dict[int, list[float]] = {}
+        self.protocol_errors: list[tuple[float, str, int]] = []
+        self.undelivered: list[PendingEvent] = []
+        self.handshake_rejections: list[tuple[float, str, str]] = []
+        self.messages: dict[str, dict] = {}  # om_id -> the inbound message (replies need one)
+        self.issued_tokens: list[str] = []  # so tests can assert none of them is ever logged
+        # state
+        self._tickets: set[str] = set()
+        self._tokens: dict[str, float] = {}
+        self._uuids: dict[str, Reply] = {}
+        self._by_frame_msg: dict[str, tuple[PendingEvent, Delivery]] = {}
+        self._rejects: list[tuple[str, str, str]] = []
+        self._endpoint_faults: list[tuple[int, int]] = []
+        self._handshake_answers: dict[str, tuple[str, str, str]] = {}
+        self._lose_acks = 0
+        self._truncate_next = 0
+        self._seq = 0
+        self._pushers = gevent.pool.Group()
+        self._conn_up = gevent.event.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "FakeFeishuServer":
+        super().start()
+        self._server.pre_start_hook = self._check_handshake  # runs before the upgrade
+        return self
+
+    def stop(self) -> None:
+        self._pushers.kill(block=True, timeout=2)
+        super().stop()
+
+    # -- test-facing helpers -----------------------------------------------------------------
+    def client_config(self) -> dict:
+        conf = {"PingInterval": self.ping_interval_s, "ReconnectCount": -1,
+                "ReconnectInterval": 120, "ReconnectNonce": 30}
+        return conf
+
+    def send_user_message(self, text: str = "hello", *, chat_type: str = "p2p",
+                          open_id: str = "ou_user", chat_id: str | None = None,
+                          mention_bot: bool = False, mentions: list[tuple[str, str]] = (),
+                          message_type: str = "text", content: dict | None = None) -> str:
+        """A user sends a message; returns its message_id (om_...). `mentions`: other users
+        (open_id, name) mentioned besides the bot."""
+        message_id = f"om_{uuid.uuid4().hex}"
+        chat_id = chat_id or (f"oc_p2p_{open_id}" if chat_type == "p2p" else "oc_group")
+        mention_list, prefix = [], []
+        people = ([(self.bot_open_id, "hermes")] if mention_bot else []) + list(mentions)
+        for i, (oid, name) in enumerate(people, 1):
+            key = f"@_user_{i}"
+            mention_list.append({"key": key, "id": {"open_id": oid, "union_id": f"on_{oid}",
+                                                    "user_id": None}, "name": name,
+                                 "tenant_key": "tk"})
+            prefix.append(key)
+        if content is None:
+            content = {
+                "text": {"text": " ".join(prefix + [text])},
+                "image": {"image_key": f"img_{uuid.uuid4().hex[:12]}"},
+                "file": {"file_key": f"file_{uuid.uuid4().hex[:12]}", "file_name": text},
+                "audio": {"file_key": f"file_{uuid.uuid4().hex[:12]}", "duration": 1500},
+                "media": {"file_key": f"file_{uuid.uuid4().hex[:12]}", "image_key": "img_x",
+                          "file_name": text, "duration": 3000},
+                "sticker": {"file_key": f"file_{uuid.uuid4().hex[:12]}"},
+            }.get(message_type, {})
+        now_ms = str(int(time.time() * 1000))
+        message = {"message_id": message_id, "root_id": "", "parent_id": "",
+                   "create_time": now_ms, "update_time": now_ms, "chat_id": chat_id,
+                   "chat_type": chat_type, "message_type": message_type,
+                   "content": json.dumps(content, ensure_ascii=False),
+                   "mentions": mention_list or None, "user_agent": "fake"}
+        envelope = {"schema": "2.0",
+                    "header": {"event_id": uuid.uuid4().hex, "event_type": "im.message.receive_v1",
+                               "create_time": now_ms, "token": "", "app_id": self.app_id,
+                               "tenant_key": "tk"},
+                    "event": {"sender": {"sender_id": {"open_id": open_id,
+                                                       "union_id": f"on_{open_id}",
+                                                       "user_id": None},
+                                         "sender_type": "user", "tenant_key": "tk"},
+                              "message": message}}
+        self.messages[message_id] = {"chat_id": chat_id, "chat_type": chat_type,
+                                     "open_id": open_id, "envelope": envelope}
+        self.push_event(envelope)
+        return message_id
+
+    def push_event(self, envelope: dict | bytes, *, kind: str = "event") -> PendingEvent:
+        """Deliver any payload (a dict as JSON, or raw bytes) as a data frame of type `kind`,
+        redelivered until acked."""
+        message_id = event_id = ""
+        if isinstance(envelope, dict):
+            event, header = envelope.get("event"), envelope.get("header")
+            message = event.get("message") if isinstance(event, dict) else None
+            if isinstance(message, dict):
+                message_id = str(message.get("message_id", ""))
+            if isinstance(header, dict):
+                event_id = str(header.get("event_id", ""))
+            stored = envelope
+        else:
+            stored = {"__raw__": bytes(envelope)}
+        ev = PendingEvent(stored, kind, message_id, event_id)
+        g = self._pushers.spawn(self._push_loop, ev)
+        g.name = "fake-feishu:push"
+        return ev
+
+    def redeliver(self, message_id: str, *, new_event_id: bool = False) -> PendingEvent:
+        """Deliver an already-acked message again (Feishu does, even hours later); with
+        `new_event_id` it comes as a different event carrying the same message."""
+        envelope = json.loads(json.dumps(self.messages[message_id]["envelope"]))
+        if new_event_id:
+            envelope["header"]["event_id"] = uuid.uuid4().hex
+        return self.push_event(envelope)
+
+    def replies_to(self, message_id: str) -> list[Reply]:
+        return [r for r in self.replies if r.message_id == message_id]
+
+    def deliveries_of(self, message_id: str) -> list[Delivery]:
+        return [d for d in self.deliveries if d.message_id == message_id]
+
+    def ack_latencies(self) -> list[float]:
+        return [d.acked_at - d.sent_at for d in self.deliveries if d.acked_at is not None]
+
+    def keepalive_gaps(self, conn_id: int) -> list[float]:
+        times = self.keepalive_times.get(conn_id, [])
+        return [b - a for a, b in zip(times, times[1:])]
+
+    def keepalive_lateness(self, conn_id: int, interval_s: float | None = None) -> list[float]:
+        """Receipt time of each ping against a timetable starting at the first one."""
+        times = self.keepalive_times.get(conn_id, [])
+        interval = interval_s or self.ping_interval_s
+        return [t - (times[0] + i * interval) for i, t in enumerate(times)]
+
+    # -- faults -------------------------------------------------------------------------------
+    def go_silent(self, seconds: float, *, whole_server: bool = False) -> None:
+        """Make the live connections zombies: they swallow every frame both ways (no pongs, no
+        acks counted, no events) and drop nobody, as a dead network path would. Connections
+        opened afterwards work. `whole_server`: the harness's version instead."""
+        if whole_server:
+            return super().go_silent(seconds)
+        until = time.monotonic() + seconds
+        for conn in self.live_conns():
+            conn.state["zombie_until"] = until
+            conn.expect_keepalive(seconds + self._deadline(conn))
+        self.log_event("go_silent")
+
+    def reject_handshakes(self, times: int = 1, status: str = "514",
+                          autherrcode: str = "1000040350", msg: str = "exceed conn limit") -> None:
+        self._rejects.extend([(status, autherrcode, msg)] * times)
+
+    def fail_endpoint(self, times: int = 1, code: int = 1, status: int = 200) -> None:
+        self._endpoint_faults.extend([(status, code)] * times)
+
+    def lose_acks(self, times: int = 1) -> None:
+        """The next `times` valid acks are lost on the way: those events are redelivered."""
+        self._lose_acks += times
+
+    def truncate_next(self, times: int = 1) -> None:
+        """The next `times` split deliveries miss their last part."""
+        self._truncate_next += times
+
+    def invalidate_tokens(self) -> None:
+        self._tokens.clear()
+
+    # -- WebSocket ---------------------------------------------------------------------------
+    def _zombie(self, conn: Conn) -> bool:
+        return conn.state.get("zombie_until", 0.0) > time.monotonic()
+
+    def _deadline(self, conn: Conn) -> float:
+        if self.keepalive_deadline_s is not None:
+            return self.keepalive_deadline_s
+        return 2.5 * conn.state.get("ping_interval", self.ping_interval_s)
+
+    def _check_handshake(self, handler) -> bool:
+        """pywsgi pre-start hook: True refuses the upgrade (answered by the GET route)."""
+        env = handler.environ
+        if env.get("PATH_INFO") != self.ws_path:
+            return False
+        query_string = env.get("QUERY_STRING", "")
+        query = parse_qs(query_string)
+        ticket = query.get("ticket", [""])[0]
+        if self._rejects:
+            answer = self._rejects.pop(0)
+        elif ticket not in self._tickets or query.get("service_id") != [str(self.service_id)]:
+            answer = ("514", "1000040351", "invalid ticket")
+        elif len(self.live_conns()) >= self.max_conns:
+            answer = ("514", "1000040350", "exceed conn limit")
+        else:
+            self._tickets.discard(ticket)
+            return False
+        self._tickets.discard(ticket)
+        self._handshake_answers[query_string] = answer
+        self.handshake_rejections.append((time.monotonic(),) + answer[:2])
+        self.log_event("handshake_rejected")
+        return True
+
+    def _handshake_refusal(self, request: dict):
+        status, autherr, msg = self._handshake_answers.pop(request["query"],
+                                                           ("400", "0", "not a websocket"))
+        http_status = int(status) if status.isdigit() else 400
+        return (http_status, {"code": int(status) if status.isdigit() else 0, "msg": msg},
+                {"Handshake-Status": status, "Handshake-Msg": msg,
+                 "Handshake-Autherrcode": autherr})
+
+    def on_connect(self, conn: Conn, request: dict) -> bool:
+        conn.state["device_id"] = parse_qs(request["query"]).get("device_id", [""])[0]
+        conn.state["ping_interval"] = self.ping_interval_s
+        self.keepalive_times[conn.id] = []
+        conn.expect_keepalive(self.first_ping_deadline_s)
+        self._conn_up.set()
+        return True
+
+    def decode(self, raw: str | bytes) -> WireFrame:
+        if isinstance(raw, str):
+            raise ValueError("text frame")  # Feishu speaks protobuf only
+        frame = Frame()
+        frame.ParseFromString(raw)
+        if not frame.IsInitialized():
+            raise ValueError("required fields missing")
+        return _wire(frame)
+
+    def record(self, direction: str, conn: Conn, data: Any) -> None:
+        if isinstance(data, (bytes, bytearray)):
+            try:
+                frame = Frame()
+                frame.ParseFromString(bytes(data))
+                data = _wire(frame)
+            except Exception:
+                pass  # garbage we were told to send: kept raw
+        super().record(direction, conn, data)
+
+    def on_frame(self, conn: Conn, data: WireFrame) -> None:
+        if self._zombie(conn):
+            return
+        if data.method == CONTROL and data.type == "ping":
+            return self._on_ping(conn, data)
+        if data.method == DATA:
+            return self._on_ack(conn, data)
+        self._protocol_error(conn, f"unexpected_frame method={data.method} type={data.type}")
+
+    def _protocol_error(self, conn: Conn, what: str) -> None:
+        self.protocol_errors.append((time.monotonic(), what, conn.id))
+        self.log_event(f"protocol_error:{what}", conn)
+
+    def _on_ping(self, conn: Conn, frame: WireFrame) -> None:
+        if frame.service != self.service_id:
+            return self._protocol_error(conn, f"ping_wrong_service service={frame.service}")
+        self.keepalive_times[conn.id].append(time.monotonic())
+        conf = dict(self.client_config())
+        if self.pong_client_config:
+            conf.update(self.pong_client_config)
+        conn.state["ping_interval"] = conf["PingInterval"]
+        conn.expect_keepalive(self._deadline(conn))  # resets the timer, with the current rule
+        pong = Frame(SeqID=0, LogID=0, service=self.service_id, method=CONTROL,
+                     payload=json.dumps(conf).encode())
+        pong.headers.add(key="type", value="pong")
+        conn.send(pong.SerializeToString())
+
+    def _on_ack(self, conn: Conn, frame: WireFrame) -> None:
+        headers = dict(frame.headers)
+        biz_rt = headers.pop("biz_rt", None)
+        found = self._by_frame_msg.get(headers.get("message_id", ""))
+        try:
+            payload_ok = json.loads(frame.payload) == {"code": 200}
+        except ValueError:
+            payload_ok = False
+        if found is None:
+            return self._protocol_error(conn, "ack_for_unknown_message")
+        ev, delivery = found
+        if headers not in delivery.headers:
+            return self._protocol_error(conn, "ack_headers_differ")
+        if biz_rt is None or not biz_rt.isdigit():
+            return self._protocol_error(conn, "ack_without_biz_rt")
+        if not payload_ok:
+            return self._protocol_error(conn, "ack_payload_not_code_200")
+        if frame.service != self.service_id:
+            return self._protocol_error(conn, "ack_wrong_service")
+        if self._lose_acks > 0:
+            self._lose_acks -= 1
+            self.log_event("ack_lost", conn)
+            return
+        now = time.monotonic()
+        if delivery.acked_at is None:
+            delivery.acked_at = now
+        self.ack_times.setdefault(ev.message_id, []).append(now)
+        ev.acked.set()
+        self.changed()
+
+    def _push_loop(self, ev: PendingEvent) -> None:
+        while not ev.acked.is_set():
+            if ev.attempts > self.redeliver_limit:
+                self.undelivered.append(ev)
+                self.log_event("event_given_up")
+                return
+            conn = self._wait_conn()
+            ev.attempts += 1
+            self._send_event(conn, ev)
+            ev.acked.wait(self.ack_deadline_s)
+
+    def _wait_conn(self) -> Conn:
+        while True:
+            conns = self.live_conns()
+            if conns:
+                return conns[-1]
+            self._conn_up.clear()
+            self._conn_up.wait(0.05)
+
+    def _send_event(self, conn: Conn, ev: PendingEvent) -> None:
+        raw = ev.envelope.get("__raw__")
+        payload = raw if isinstance(raw, bytes) else json.dumps(ev.envelope, ensure_ascii=False).encode()
+        n = max(1, min(self.split_parts, len(payload)))
+        size = -(-len(payload) // n)
+        chunks = [payload[i * size:(i + 1) * size] for i in range(n)]
+        frame_msg_id = f"fm_{uuid.uuid4().hex}"
+        trace_id = uuid.uuid4().hex
+        order = list(range(n))
+        if self.shuffle_parts:
+            random.shuffle(order)
+        if n > 1 and self._truncate_next > 0:
+            self._truncate_next -= 1
+            order = [i for i in order if i != n - 1]
+        delivery = Delivery(ev.message_id, ev.event_id, frame_msg_id, conn.id, 0.0)
+        self._by_frame_msg[frame_msg_id] = (ev, delivery)
+        sent_all = not self._zombie(conn)
+        for i in order:
+            self._seq += 1
+            headers = {"type": ev.kind, "message_id": frame_msg_id, "sum": str(n),
+                       "seq": str(i), "trace_id": trace_id}
+            frame = Frame(SeqID=self._seq, LogID=self._seq, service=self.service_id,
+                          method=DATA, payload=chunks[i])
+            for k, v in headers.items():
+                frame.headers.add(key=k, value=v)
+            delivery.headers.append(headers)
+            if sent_all and not conn.send(frame.SerializeToString()):
+                sent_all = False
+        delivery.sent_at = time.monotonic()
+        delivery.lost = not sent_all
+        self.deliveries.append(delivery)
+        self.log_event("event_sent" if sent_all else "event_lost", conn)
+
+    # -- REST ---------------------------------------------------------------------------------
+    def routes(self):
+        return {
+            ("POST", "/callback/ws/endpoint"): self._endpoint,
+            ("POST", "/open-apis/auth/v3/tenant_access_token/internal"): self._token,
+            ("GET", "/open-apis/bot/v3/info"): self._bot_info,
+            ("POST", "/open-apis/im/v1/messages"): self._messages,
+            ("GET", self.ws_path): self._handshake_refusal,
+        }
+
+    def _endpoint(self, request: dict):
+        if self._endpoint_faults:
+            status, code = self._endpoint_faults.pop(0)
+            return status, {"code": code, "msg": "fault injected"}
+        body = request["json"] or {}
+        if body.get("AppID") != self.app_id or body.get("AppSecret") != self.app_secret:
+            return 200, {"code": 10014, "msg": "app secret invalid"}
+        ticket = uuid.uuid4().hex
+        self._tickets.add(ticket)
+        device_id = uuid.uuid4().hex[:16]
+        url = (f"ws://{self.host}:{self.port}{self.ws_path}?fpid=493&aid=552564&"
+               f"device_id={device_id}&access_key={uuid.uuid4().hex}&service_id="
+               f"{self.service_id}&ticket={ticket}")
+        return 200, {"code": 0, "msg": "ok", "data": {"URL": url,
+                                                       "ClientConfig": self.client_config()}}
+
+    def _token(self, request: dict):
+        body = request["json"] or {}
+        if body.get("app_id") != self.app_id or body.get("app_secret") != self.app_secret:
+            return 400, {"code": 10014, "msg": "app secret invalid"}
+        token = f"t-{uuid.uuid4().hex}"
+        self._tokens[token] = time.monotonic() + self.token_expire_s
+        self.issued_tokens.append(token)
+        return 200, {"code": 0, "msg": "ok", "tenant_access_token": token,
+                     "expire": self.token_expire_s}
+
+    def _auth(self, request: dict):
+        auth = request["headers"].get("Authorization", "")
+        token = auth[7:] if auth.startswith("Bearer ") else ""
+        if self._tokens.get(token, 0.0) <= time.monotonic():
+            return 400, {"code": INVALID_TOKEN, "msg": "Invalid access token for authorization."}
+        return None
+
+    def _bot_info(self, request: dict):
+        refused = self._auth(request)
+        if refused:
+            return refused
+        return 200, {"code": 0, "msg": "ok",
+                     "bot": {"open_id": self.bot_open_id, "app_name": "hermes",
+                             "activate_status": 2, "ip_white_list": []}}
+
+    def _messages(self, request: dict):
+        refused = self._auth(request)
+        if refused:
+            return refused
+        body = request["json"] or {}
+        path = request["path"].rstrip("/")
+        parts = path.split("/")  # ['', 'open-apis', 'im', 'v1', 'messages', om, 'reply']
+        if len(parts) == 7 and parts[6] == "reply":
+            target = parts[5]
+            if target not in self.messages:
+                return 400, {"code": 230011, "msg": "message not found or withdrawn"}
+            chat_id = self.messages[target]["chat_id"]
+        elif len(parts) == 5 and parse_qs(request["query"]).get("receive_id_type") == ["chat_id"]:
+            target, chat_id = None, body.get("receive_id")
+            if not isinstance(chat_id, str) or not chat_id:
+                return 400, {"code": 230001, "msg": "invalid receive_id"}
+        else:
+            return 404, {"code": 404, "msg": "no such route"}
+        try:
+            content = json.loads(body.get("content", ""))
+            text = content["text"]
+            assert body.get("msg_type") == "text" and isinstance(text, str)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            return 400, {"code": 230001, "msg": "invalid text content"}
+        uid = body.get("uuid")
+        if uid is not None and (not isinstance(uid, str) or len(uid) > 50):
+            return 400, {"code": 230001, "msg": "invalid uuid"}
+        if uid in self._uuids:  # the same request again: answered with the first message
+            reply = self._uuids[uid]
+            self.log_event("reply_deduplicated")
+        else:
+            reply = Reply(target, text, uid, chat_id, time.monotonic(), f"om_{uuid.uuid4().hex}")
+            self.replies.append(reply)
+            if uid is not None:
+                self._uuids[uid] = reply
+            self.changed()
+        return 200, {"code": 0, "msg": "success",
+                     "data": {"message_id": reply.reply_id, "chat_id": reply.chat_id,
+                              "msg_type": "text", "parent_id": target or ""}}
