@@ -255,7 +255,7 @@ class QQBotAdapter(LongConnectionAdapter):
             return
         try:
             frame = json.loads(data)
-        except ValueError:  # RecursionError is caught by the read loop's catch-all
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             self.log.warning("frame skipped platform=qqbot reason=bad_json chars=%d", len(data))
             return
         op = frame.get("op") if isinstance(frame, dict) else None
