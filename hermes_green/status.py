@@ -1,0 +1,555 @@
+"""The status server: `/healthz` for load balancers and probes, `/metrics` for Prometheus, and
+`/` a live status page that a WebSocket (`/ws`) keeps up to date. Served by gevent's pywsgi with
+gevent-websocket's handler, on the gateway's own hub: every request is a short greenlet.
+
+Health (what `/healthz` answers and the page's banner shows):
+    ok        every enabled platform is ready (connected); also when no platform is configured
+    degraded  at least one platform is ready and at least one is not (connecting, in backoff,
+              stopped, or fatally refused)
+    down      platforms are configured and none is ready
+HTTP 200 for ok, 503 otherwise, so a plain HTTP check alerts on anything less than ok.
+
+Access: on a loopback address the server is open to local users unless a token is configured.
+On any other address a token is required (start-up refuses otherwise) and every request must
+carry it, as `Authorization: Bearer <token>` or `?token=<token>` (the page opened as
+`/?token=...` passes it on to its socket). Tokens are compared in constant time on their SHA-256
+digests, so neither the content nor the length leaks through timing; a refusal is a bare 401.
+A browser WebSocket from another origin is refused (403), so a web page the operator happens to
+visit cannot read the loopback status socket.
+
+The page's socket pushes a JSON snapshot at connect and every `push_interval_s`; the page may
+send "ping" or "refresh" to get one at once. Anything else (binary, another text, a message over
+`MAX_WS_MESSAGE_BYTES`, a protocol error) closes that one socket; other sockets and the HTTP
+endpoints keep working. Oversized frames are refused from their header, before the payload is
+read.
+
+Nothing secret leaves this module: request logs carry the path without its query string, errors
+are logged without the WSGI environ (which holds the Authorization header), and the recent-errors
+list shown on the page is formatted through `logs.REDACTOR`.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import struct
+import time
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import parse_qs, urlsplit
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.pool
+from gevent import pywsgi
+from geventwebsocket.exceptions import ProtocolError, WebSocketError
+from geventwebsocket.handler import WebSocketHandler
+from geventwebsocket.websocket import Header, Stream, WebSocket
+from prometheus_client.exposition import choose_encoder
+
+from . import metrics
+from .logs import REDACTOR
+from .runtime import percentile
+
+log = logging.getLogger("hermes_green.status")
+
+PAGE_PATH = Path(__file__).resolve().parent / "static" / "status.html"
+MAX_WS_MESSAGE_BYTES = 4096  # the page only ever sends "ping" / "refresh"
+MAX_PAGE_SOCKETS = 32  # more live status pages than this are refused (503)
+MAX_CONNECTIONS = 128  # concurrent HTTP connections (greenlets) the server accepts
+WS_SEND_TIMEOUT_S = 5.0  # a page that stops reading is dropped after this long
+PAGE_MESSAGES = frozenset({"ping", "refresh"})
+SPARK_POINTS = 60  # points in each sparkline
+RECENT_ERRORS = 50
+LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
+
+# WebSocket close codes (RFC 6455 section 7.4.1)
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+
+
+class StatusServerError(Exception):
+    """The status server cannot start as configured (no token off loopback, port in use).
+    Next step: fix `gateway.status` in the config; the message says which key."""
+
+
+# --- recent errors ---------------------------------------------------------------------------
+
+class RecentErrors(logging.Handler):
+    """Keeps the last `capacity` WARNING+ log records for the status page, redacted."""
+
+    def __init__(self, capacity: int = RECENT_ERRORS) -> None:
+        super().__init__(logging.WARNING)
+        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=capacity)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[0] is not None:
+                text += f" exc={record.exc_info[0].__name__}"
+            self.records.append({"at": record.created, "level": record.levelname.lower(),
+                                 "logger": record.name, "message": REDACTOR(text)[:500]})
+        except Exception:  # a log handler must never raise into the code that logged
+            self.handleError(record)
+
+    def latest(self, n: int = 20) -> list[dict[str, Any]]:
+        return list(self.records)[-n:][::-1]
+
+
+# --- what the endpoints report ---------------------------------------------------------------
+
+def _platform_names(gateway) -> list[str]:
+    names = set(gateway.adapters) | set(gateway.fatal)
+    try:
+        names |= set(gateway.config.platforms.enabled())
+    except Exception:  # a hand-built config in a test may have no platforms section
+        pass
+    return sorted(names)
+
+
+def _platform_state(gateway, name: str) -> dict[str, Any]:
+    adapter = gateway.adapters.get(name)
+    if adapter is None:
+        doc: dict[str, Any] = {"state": "fatal" if name in gateway.fatal else "starting",
+                               "connected_since": None, "reconnects": 0,
+                               "reconnects_by_reason": {}, "last_error": None,
+                               "last_rtt_ms": None, "heartbeat_lateness_p99_ms": 0.0,
+                               "heartbeat_lateness_max_ms": 0.0, "messages_in": 0,
+                               "messages_out": 0}
+    else:
+        doc = adapter.stats.as_dict()
+    error = doc.get("last_error") or gateway.fatal.get(name)
+    doc["last_error"] = REDACTOR(str(error)) if error else None
+    return doc
+
+
+def health_status(states: Iterable[str]) -> str:
+    """ok / degraded / down from the platforms' states (see the module docstring)."""
+    states = list(states)
+    ready = sum(1 for s in states if s == "ready")
+    if ready == len(states):
+        return "ok"
+    return "degraded" if ready else "down"
+
+
+def _safe(fn, default=None):
+    try:
+        return fn()
+    except Exception:  # the store closes during shutdown; health must still answer
+        return default
+
+
+def health(gateway) -> dict[str, Any]:
+    """The `/healthz` document."""
+    platforms = {}
+    for name in _platform_names(gateway):
+        doc = _platform_state(gateway, name)
+        platforms[name] = {k: doc[k] for k in ("state", "connected_since", "reconnects",
+                                               "last_error", "heartbeat_lateness_p99_ms")}
+    hub = gateway.hub_watch
+    return {
+        "status": health_status(p["state"] for p in platforms.values()),
+        "platforms": platforms,
+        "hub": {"lateness_p99_ms": round(hub.lateness_p99_ms(), 2) if hub else None,
+                "blocked_reports": hub.blocked_count if hub else 0},
+        "outbox_pending": _safe(gateway.store.outbox_pending),
+    }
+
+
+def _spark(values, points: int = SPARK_POINTS) -> list[float]:
+    """The latest values in ms, at most `points` of them: when there are more, each point is the
+    max of a bucket of consecutive values, so a spike is never averaged away."""
+    data = list(values)
+    if len(data) > points:
+        size = -(-len(data) // points)  # ceil
+        buckets = [data[max(0, end - size):end] for end in range(len(data), 0, -size)]
+        data = [max(b) for b in buckets[:points][::-1]]
+    return [round(v * 1000.0, 2) for v in data]
+
+
+def snapshot(gateway, errors: RecentErrors | None = None) -> dict[str, Any]:
+    """Everything the status page shows, in one JSON-able dict."""
+    now = time.time()
+    platforms = {}
+    for name in _platform_names(gateway):
+        doc = _platform_state(gateway, name)
+        adapter = gateway.adapters.get(name)
+        since = doc.get("connected_since")
+        doc["uptime_s"] = round(now - since, 1) if since else None
+        doc["sparkline_ms"] = _spark(adapter.stats.heartbeat_lateness) if adapter else []
+        platforms[name] = doc
+    hub = gateway.hub_watch
+    hub_doc: dict[str, Any] = {"lateness_p99_ms": None, "blocked_reports": 0,
+                               "sparkline_ms": [], "recent_blocked": []}
+    if hub is not None:
+        lateness = list(hub.lateness)
+        hub_doc.update({
+            "lateness_p99_ms": round(percentile(lateness, 99) * 1000.0, 2),
+            "lateness_max_ms": round(max(lateness, default=0.0) * 1000.0, 2),
+            "blocked_reports": hub.blocked_count,
+            "sparkline_ms": _spark(lateness),
+            "recent_blocked": [{"at": r.at, "greenlet": r.greenlet,
+                                "blocked_ms": round(r.blocked_s * 1000.0, 1)}
+                               for r in list(hub.blocked)[-5:][::-1]],
+        })
+    started = gateway.started_at
+    return {
+        "now": now,
+        "status": health_status(p["state"] for p in platforms.values()),
+        "uptime_s": round(now - started, 1) if started else None,
+        "platforms": platforms,
+        "hub": hub_doc,
+        "turns_in_flight": _safe(gateway.sessions.turns_in_flight, 0),
+        "outbox_pending": _safe(gateway.store.outbox_pending),
+        "errors": errors.latest() if errors is not None else [],
+    }
+
+
+# --- access ----------------------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
+class TokenCheck:
+    """Does a request carry the token? Constant time on fixed-length digests."""
+
+    def __init__(self, token: str | None) -> None:
+        self._digest = _digest(token) if token else None
+
+    @property
+    def required(self) -> bool:
+        return self._digest is not None
+
+    def allows(self, environ) -> bool:
+        if self._digest is None:
+            return True
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, value = header.partition(" ")
+        from_header = value.strip() if scheme.lower() == "bearer" else ""
+        from_query = (parse_qs(environ.get("QUERY_STRING", "")).get("token") or [""])[0]
+        # Both candidates are always compared, so which one was given does not show in timing.
+        ok_header = hmac.compare_digest(_digest(from_header), self._digest)
+        ok_query = hmac.compare_digest(_digest(from_query), self._digest)
+        return (ok_header and bool(from_header)) or (ok_query and bool(from_query))
+
+
+def _same_origin(environ) -> bool:
+    """A browser always sends Origin on a WebSocket; it must name this host. Clients that send
+    no Origin (curl, websocket-client with origin suppressed) are not browsers."""
+    origin = environ.get("HTTP_ORIGIN")
+    if not origin:
+        return True
+    return urlsplit(origin).netloc.lower() == environ.get("HTTP_HOST", "").lower()
+
+
+# --- the page's WebSocket --------------------------------------------------------------------
+
+class MessageTooBig(Exception):
+    """A page sent a message over MAX_WS_MESSAGE_BYTES: its socket is closed with 1009.
+    (Not a WebSocketError: gevent-websocket's `receive()` swallows those as socket errors.)"""
+
+
+class PageSocket(WebSocket):
+    """gevent-websocket's WebSocket, with three changes for the status page:
+    - a size limit checked on each frame's header, before the payload is read (the stock class
+      reads whatever length a frame declares);
+    - writes are serialized (the pusher greenlet and the reader's close/pong never interleave);
+    - `close(code)` sends that code (the stock one sends an empty close frame)."""
+
+    __slots__ = ("_message_bytes", "_write_lock")
+
+    def __init__(self, environ, stream, handler) -> None:
+        super().__init__(environ, stream, handler)
+        self._message_bytes = 0
+        self._write_lock = gevent.lock.Semaphore()
+
+    def read_frame(self):
+        header = Header.decode_header(self.stream)
+        if header.flags:
+            raise ProtocolError("reserved bits set")
+        if header.opcode in (self.OPCODE_TEXT, self.OPCODE_BINARY):
+            self._message_bytes = 0
+        if header.opcode in (self.OPCODE_TEXT, self.OPCODE_BINARY, self.OPCODE_CONTINUATION):
+            self._message_bytes += header.length
+            if self._message_bytes > MAX_WS_MESSAGE_BYTES:
+                raise MessageTooBig(f"message over {MAX_WS_MESSAGE_BYTES} bytes")
+        if not header.length:
+            return header, b""
+        try:
+            payload = self.raw_read(header.length)
+        except OSError:
+            payload = b""
+        if len(payload) != header.length:
+            raise WebSocketError("unexpected EOF reading frame payload")
+        if header.mask:
+            payload = header.unmask_payload(payload)
+        return header, payload
+
+    def send_frame(self, message, opcode):
+        with self._write_lock:
+            return super().send_frame(message, opcode)
+
+    def close(self, code: int = 1000, message: bytes | str | None = b"") -> None:
+        if self.closed:
+            return
+        reason = message.encode() if isinstance(message, str) else (message or b"")
+        try:
+            self.send_frame(struct.pack("!H", code) + reason[:123], self.OPCODE_CLOSE)
+        except Exception:  # the peer may already be gone; we close anyway
+            pass
+        finally:
+            self.closed = True
+            self.stream = self.raw_write = self.raw_read = self.environ = None
+
+    def abort(self) -> None:
+        """Cut the TCP connection at once (after a frame was interrupted half-written, no
+        close frame can follow)."""
+        self.closed = True
+        try:
+            self.handler.socket.shutdown(2)
+        except Exception:
+            pass
+
+
+class _Handler(WebSocketHandler):
+    """pywsgi handler: authorizes before any WebSocket upgrade, uses `PageSocket`, and logs
+    neither query strings nor the environ."""
+
+    def run_application(self):
+        if not self.application.may_upgrade(self.environ):
+            # Answer as plain HTTP: the app replies 401 / 403 / 404 without upgrading.
+            return pywsgi.WSGIHandler.run_application(self)
+        return super().run_application()
+
+    def upgrade_websocket(self):
+        result = super().upgrade_websocket()
+        # gevent-websocket answers a bad handshake with str bodies, which pywsgi cannot send.
+        return [r.encode() if isinstance(r, str) else r for r in result] if result else result
+
+    def upgrade_connection(self):
+        result = super().upgrade_connection()
+        stock = getattr(self, "websocket", None)
+        if stock is not None:
+            stock.closed = True  # so its __del__ sends nothing on the stream we take over
+            self.websocket = PageSocket(self.environ, Stream(self), self)
+            self.environ["wsgi.websocket"] = self.websocket
+        return result
+
+    def log_request(self):
+        path = (self.environ or {}).get("PATH_INFO", "?")
+        log.debug("status request path=%s status=%s", path, getattr(self, "code", None))
+
+    def handle_error(self, t, v, tb):
+        if issubclass(t, gevent.GreenletExit):  # the server stopping: not an error
+            return
+        log.error("status request failed path=%s error=%s",
+                  (self.environ or {}).get("PATH_INFO", "?"), t.__name__)
+        self._send_error_response_if_possible(500)
+
+
+# --- the server ------------------------------------------------------------------------------
+
+def _json_response(start_response, status: str, doc: Any, headers=()) -> list[bytes]:
+    body = json.dumps(doc).encode()
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body))),
+                            ("Cache-Control", "no-store"), *headers])
+    return [body]
+
+
+_PAGE_HEADERS = [
+    ("Content-Type", "text/html; charset=utf-8"),
+    ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "no-referrer"),  # the URL may carry ?token=
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+                                "script-src 'unsafe-inline'; connect-src 'self'; "
+                                "img-src data:; base-uri 'none'; form-action 'none'"),
+]
+
+
+class StatusServer:
+    """`StatusServer(gateway, status_config).start()`; `.stop()` is idempotent. With port 0 the
+    bound port is in `.port` after start; `.url` is the page's address (without the token)."""
+
+    routes = ("/", "/healthz", "/metrics", "/ws")
+
+    def __init__(self, gateway, config, *, push_interval_s: float = 1.0) -> None:
+        self.gateway = gateway
+        self.host = config.host
+        self.port = config.port
+        token = config.token.get_secret_value() if config.token is not None else None
+        self._token = TokenCheck(token or None)
+        if token:
+            REDACTOR.add([token])
+        self.push_interval_s = push_interval_s
+        self.errors = RecentErrors()
+        self._server: pywsgi.WSGIServer | None = None
+        self._sockets: set[PageSocket] = set()
+        self._page: bytes = b""
+        self._stopped = False
+        if not is_loopback(self.host) and not self._token.required:
+            raise StatusServerError(
+                f"refusing to serve status on {self.host or 'all interfaces'} without a token: "
+                "set gateway.status.token, or keep gateway.status.host on 127.0.0.1")
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    # lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "StatusServer":
+        self._page = PAGE_PATH.read_bytes()
+        server = pywsgi.WSGIServer((self.host, self.port), self, handler_class=_Handler,
+                                   spawn=gevent.pool.Pool(MAX_CONNECTIONS), log=None,
+                                   error_log=log)
+        try:
+            server.start()
+        except OSError as e:
+            raise StatusServerError(f"gateway.status: cannot listen on {self.host}:{self.port}: "
+                                    f"{e.strerror or e}") from None
+        self._server = server
+        self.port = server.server_port
+        logging.getLogger().addHandler(self.errors)
+        log.info("status server listening url=%s token=%s", self.url,
+                 "required" if self._token.required else "none")
+        return self
+
+    def stop(self) -> None:
+        if self._stopped or self._server is None:
+            return
+        self._stopped = True
+        logging.getLogger().removeHandler(self.errors)
+        for ws in list(self._sockets):
+            try:
+                ws.close(CLOSE_GOING_AWAY, b"server stopping")
+            except Exception:
+                pass
+        server, self._server = self._server, None
+        server.stop(timeout=1)
+        log.info("status server stopped")
+
+    # WSGI ----------------------------------------------------------------------------------
+    def may_upgrade(self, environ) -> bool:
+        """Called by the handler before a WebSocket handshake."""
+        return (environ.get("PATH_INFO") == "/ws" and self._token.allows(environ)
+                and _same_origin(environ) and len(self._sockets) < MAX_PAGE_SOCKETS)
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path not in self.routes:
+            return _json_response(start_response, "404 Not Found", {"error": "not found"})
+        if not self._token.allows(environ):
+            log.info("status unauthorized path=%s", path)
+            return _json_response(start_response, "401 Unauthorized", {"error": "unauthorized"},
+                                  [("WWW-Authenticate", 'Bearer realm="hermes-green"')])
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return _json_response(start_response, "405 Method Not Allowed",
+                                  {"error": "method not allowed"}, [("Allow", "GET, HEAD")])
+        ws = environ.get("wsgi.websocket")
+        if path == "/ws":
+            if ws is not None:
+                self._serve_socket(ws)
+                return []
+            if not _same_origin(environ):
+                return _json_response(start_response, "403 Forbidden", {"error": "forbidden"})
+            if len(self._sockets) >= MAX_PAGE_SOCKETS:
+                return _json_response(start_response, "503 Service Unavailable",
+                                      {"error": "too many status pages open"})
+            return _json_response(start_response, "400 Bad Request",
+                                  {"error": "websocket upgrade expected"})
+        if path == "/healthz":
+            doc = health(self.gateway)
+            code = "200 OK" if doc["status"] == "ok" else "503 Service Unavailable"
+            return _json_response(start_response, code, doc)
+        if path == "/metrics":
+            return self._metrics(environ, start_response)
+        start_response("200 OK", [*_PAGE_HEADERS, ("Content-Length", str(len(self._page)))])
+        return [self._page]
+
+    def _metrics(self, environ, start_response):
+        """Prometheus text, or OpenMetrics when the scraper asks for it (as prometheus-client's
+        own WSGI app negotiates)."""
+        pending = _safe(self.gateway.store.outbox_pending)
+        if pending is not None:
+            metrics.outbox_pending.set(pending)  # exact at scrape time, whatever wrote last
+        encode, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        body = encode(metrics.REGISTRY)
+        start_response("200 OK", [("Content-Type", content_type),
+                                  ("Content-Length", str(len(body))),
+                                  ("Cache-Control", "no-store")])
+        return [body]
+
+    # the page's socket ---------------------------------------------------------------------
+    def _serve_socket(self, ws: PageSocket) -> None:
+        """Reads the page's messages while a pusher greenlet sends snapshots. Returns when the
+        socket is closed by either side or refused for a bad message."""
+        self._sockets.add(ws)
+        wake = gevent.event.Event()
+        pusher = gevent.spawn(self._push_loop, ws, wake)
+        pusher.name = "status:ws-push"
+        try:
+            while not ws.closed:
+                try:
+                    message = ws.receive()
+                except MessageTooBig as e:
+                    self._refuse(ws, CLOSE_TOO_BIG, str(e))
+                    break
+                except WebSocketError:
+                    break
+                if message is None:  # closed, or a protocol error gevent-websocket answered
+                    break
+                if isinstance(message, (bytes, bytearray)):
+                    self._refuse(ws, CLOSE_UNSUPPORTED, "binary messages not accepted")
+                    break
+                if message.strip() not in PAGE_MESSAGES:
+                    self._refuse(ws, CLOSE_POLICY, "unknown message")
+                    break
+                wake.set()
+        finally:
+            self._sockets.discard(ws)
+            pusher.kill(block=False)
+            ws.close(1000)
+
+    @staticmethod
+    def _refuse(ws: PageSocket, code: int, why: str) -> None:
+        log.info("status socket refused code=%d why=%s", code, why)
+        ws.close(code, why)
+
+    def _push_loop(self, ws: PageSocket, wake: gevent.event.Event) -> None:
+        while not ws.closed:
+            wake.clear()
+            data = json.dumps(snapshot(self.gateway, self.errors), separators=(",", ":"))
+            timer = gevent.Timeout(WS_SEND_TIMEOUT_S)
+            timer.start()
+            try:
+                ws.send(data)
+            except gevent.Timeout as t:
+                if t is not timer:
+                    raise
+                log.info("status socket dropped: page not reading")
+                ws.abort()
+                return
+            except WebSocketError:
+                return
+            finally:
+                timer.close()
+            wake.wait(self.push_interval_s)
