@@ -36,7 +36,8 @@ def current_time(timezone: str = "UTC") -> str:
     try:
         tz = ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {timezone!r} (use an IANA name like 'Asia/Shanghai')") from None
+        raise ValueError(f"unknown time zone {timezone!r} "
+                         f"(use an IANA name like 'Asia/Shanghai')") from None
     now = _dt.datetime.now(tz)
     return f"{now.isoformat(timespec='seconds')} ({now:%A}, {timezone})"
 
@@ -155,7 +156,8 @@ FETCH_CONNECT_TIMEOUT_S = 5.0
 FETCH_READ_TIMEOUT_S = 10.0
 MAX_REDIRECTS = 5
 _USER_AGENT = "hermes-green/0.1 (+fetch_url tool)"
-_DROP_BLOCKS = re.compile(r"<(script|style|noscript|svg|head)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_DROP_BLOCKS = re.compile(r"<(script|style|noscript|svg|head)\b.*?</\1\s*>",
+                          re.IGNORECASE | re.DOTALL)
 _BLOCK_TAGS = re.compile(r"</?(p|div|br|li|tr|h[1-6]|section|article|pre|table|ul|ol)\b[^>]*>",
                          re.IGNORECASE)
 _TAGS = re.compile(r"<[^>]+>")
@@ -204,7 +206,8 @@ def fetch_url(url: str, max_chars: int = 8000) -> str:
     for _ in range(MAX_REDIRECTS + 1):
         _check_address(current)
         resp = requests.get(current, stream=True, allow_redirects=False,
-                            headers={"User-Agent": _USER_AGENT, "Accept": "text/html, text/plain, */*"},
+                            headers={"User-Agent": _USER_AGENT,
+                                     "Accept": "text/html, text/plain, */*"},
                             timeout=(FETCH_CONNECT_TIMEOUT_S, FETCH_READ_TIMEOUT_S))
         try:
             if resp.is_redirect and resp.headers.get("Location"):
@@ -226,7 +229,8 @@ def fetch_url(url: str, max_chars: int = 8000) -> str:
         if "html" in ctype or text.lstrip()[:15].lower().startswith(("<!doctype", "<html")):
             text = html_to_text(text)
         elif not (ctype.startswith("text/") or "json" in ctype or "xml" in ctype or not ctype):
-            return f"(not a text document: Content-Type {ctype.split(';')[0]}, {len(body)} bytes read)"
+            return (f"(not a text document: Content-Type {ctype.split(';')[0]}, "
+                    f"{len(body)} bytes read)")
         if len(text) > max_chars:
             text = text[:max_chars] + f"\n[... cut at {max_chars} characters]"
         return text

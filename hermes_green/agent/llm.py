@@ -267,7 +267,8 @@ class LLMClient:
         try:
             status = resp.status_code
             if status == 429 or status >= 500:
-                error = LLMHTTPError(status, f"{self.host}: HTTP {status}: {self._error_text(resp)}")
+                error = LLMHTTPError(status,
+                                     f"{self.host}: HTTP {status}: {self._error_text(resp)}")
                 raise _Retryable(error, _retry_after(resp) if status in (429, 503) else None)
             if status >= 400:
                 raise LLMHTTPError(status, f"{self.host}: HTTP {status}: {self._error_text(resp)}")

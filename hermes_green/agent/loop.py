@@ -20,7 +20,6 @@ from typing import Callable
 
 import gevent
 
-from .. import metrics
 from .base import Agent, EchoAgent, Message, Turn
 from .executors import Executors
 from .llm import Completion, LLMClient, LLMError, ToolCall
@@ -70,7 +69,9 @@ class LLMAgent:
         """`config` is an AgentConfig, `executors_config` an ExecutorsConfig. Tool modules are
         imported here: a missing one raises ConfigError."""
         self.config = config
-        self.registry = registry if registry is not None else ToolRegistry.from_modules(config.tools)
+        if registry is None:
+            registry = ToolRegistry.from_modules(config.tools)
+        self.registry = registry
         if executors is None:
             threads = executors_config.threads if executors_config is not None else None
             processes = executors_config.processes if executors_config is not None else 1
@@ -83,13 +84,8 @@ class LLMAgent:
 
     # -- the contract ---------------------------------------------------------------------------
     def run_turn(self, turn: Turn) -> str:
-        started = time.monotonic()
-        metrics.turns_in_flight.inc()
-        try:
-            return self._run(turn, started)
-        finally:
-            metrics.turns_in_flight.dec()
-            metrics.turn_seconds.observe(time.monotonic() - started)
+        # (turn_seconds and turns_in_flight are the gateway's: it times every agent alike)
+        return self._run(turn, time.monotonic())
 
     def close(self) -> None:
         """Kill the process workers and drop pooled connections. Idempotent."""
@@ -114,7 +110,7 @@ class LLMAgent:
         return messages
 
     def _run(self, turn: Turn, started: float) -> str:
-        chat = ":".join(turn.chat_key)
+        platform, chat = turn.chat_key
         messages = self.build_messages(turn)
         progress = _Progress(turn.on_progress)
         tools = self.registry.schemas() or None
@@ -126,7 +122,8 @@ class LLMAgent:
                                            tool_choice="none" if tools and last else None,
                                            on_text=progress.update)
             except LLMError as e:
-                log.warning("turn failed chat=%s rounds=%d error=%s", chat, rounds, e)
+                log.warning("turn failed platform=%s chat=%s rounds=%d error=%s", platform, chat,
+                            rounds, e)
                 reply = error_reply(e)
                 so_far = progress.text
                 return f"{so_far}\n\n({reply})" if so_far else reply
@@ -134,28 +131,30 @@ class LLMAgent:
             if not completion.tool_calls:
                 break
             if last:
-                log.warning("tool round limit reached chat=%s rounds=%d", chat, rounds)
+                log.warning("tool round limit reached platform=%s chat=%s rounds=%d", platform,
+                            chat, rounds)
                 if not progress.text:
                     return TOO_MANY_ROUNDS_REPLY
                 break
             rounds += 1
             calls += len(completion.tool_calls)
             messages.append(_assistant_message(completion))
-            for call, result in zip(completion.tool_calls, self._run_tools(completion.tool_calls)):
+            results = self._run_tools(completion.tool_calls, turn.chat_key)
+            for call, result in zip(completion.tool_calls, results):
                 messages.append({"role": "tool", "tool_call_id": call.id,
                                  "content": result.content})
         answer = progress.text or EMPTY_REPLY
-        log.info("turn done chat=%s rounds=%d tool_calls=%d ms=%.0f chars=%d", chat, rounds,
-                 calls, (time.monotonic() - started) * 1000, len(answer))
+        log.info("turn done platform=%s chat=%s rounds=%d tool_calls=%d ms=%.0f chars=%d",
+                 platform, chat, rounds, calls, (time.monotonic() - started) * 1000, len(answer))
         return answer
 
-    def _run_tools(self, calls: list[ToolCall]) -> list[ToolResult]:
+    def _run_tools(self, calls: list[ToolCall], chat_key: tuple[str, str]) -> list[ToolResult]:
         """Run one round's calls concurrently; results in call order."""
         greenlets: list[gevent.Greenlet] = []
         try:
             for call in calls:
                 g = gevent.spawn(call_tool, self.registry, self.executors, call.name,
-                                 call.arguments)
+                                 call.arguments, chat_key=chat_key)
                 g.name = f"agent:tool:{call.name}"
                 greenlets.append(g)
             gevent.joinall(greenlets)

@@ -146,7 +146,8 @@ def _make_spec(func, *, executor, timeout_s, name, max_result_chars) -> ToolSpec
                                   f"not {executor!r}")
     if not timeout_s > 0:
         raise ToolDefinitionError(f"tool {tool_name!r}: timeout_s must be > 0")
-    if executor == "process" and ("<locals>" in func.__qualname__ or "<lambda>" in func.__qualname__):
+    if executor == "process" and ("<locals>" in func.__qualname__
+                                  or "<lambda>" in func.__qualname__):
         raise ToolDefinitionError(f"tool {tool_name!r}: a process tool must be a module-level "
                                   f"function (the worker imports it by name)")
     doc = inspect.getdoc(func) or ""
@@ -225,8 +226,8 @@ class ToolRegistry:
             raise ToolDefinitionError(f"{tool_or_spec!r} is not decorated with @tool")
         old = self._specs.get(spec.name)
         if old is not None and old.fn is not spec.fn:
-            raise ToolDefinitionError(
-                f"tool name {spec.name!r} is defined twice ({_where(old.fn)} and {_where(spec.fn)})")
+            raise ToolDefinitionError(f"tool name {spec.name!r} is defined twice "
+                                      f"({_where(old.fn)} and {_where(spec.fn)})")
         spec.parameters_schema  # noqa: B018  (build it now: a bad hint fails at start-up)
         self._specs[spec.name] = spec
         return spec
@@ -281,7 +282,8 @@ def _where(fn: Callable) -> str:
 
 # -- one call ---------------------------------------------------------------------------------
 
-def call_tool(registry: ToolRegistry, executors, name: str, arguments: str | dict | None) -> ToolResult:
+def call_tool(registry: ToolRegistry, executors, name: str, arguments: str | dict | None, *,
+              chat_key: tuple[str, str] = ("-", "-")) -> ToolResult:
     """Run one tool call from the model and turn every outcome into the tool message's text.
 
     A tool that raises, times out, crashes its worker or returns something huge gives the model
@@ -301,11 +303,12 @@ def call_tool(registry: ToolRegistry, executors, name: str, arguments: str | dic
         value = executors.run(spec.executor, spec.fn, (), kwargs, timeout_s=spec.timeout_s,
                               label=spec.name)
     except Exception as e:  # noqa: BLE001  (the model hears about it; the turn goes on)
-        log.warning("tool failed tool=%s executor=%s ms=%.0f error=%s", name, spec.executor,
-                    (time.monotonic() - started) * 1000, type(e).__name__)
+        log.warning("tool failed platform=%s chat=%s tool=%s executor=%s ms=%.0f error=%s",
+                    *chat_key, name, spec.executor, (time.monotonic() - started) * 1000,
+                    type(e).__name__)
         return ToolResult(f"Error: {name} failed: {_describe_error(e)}", ok=False)
-    log.info("tool done tool=%s executor=%s ms=%.0f", name, spec.executor,
-             (time.monotonic() - started) * 1000)
+    log.info("tool done platform=%s chat=%s tool=%s executor=%s ms=%.0f", *chat_key, name,
+             spec.executor, (time.monotonic() - started) * 1000)
     return ToolResult(_to_text(value, spec.max_result_chars), ok=True)
 
 
