@@ -313,9 +313,9 @@ def _post_parts(content: dict) -> tuple[list[str], list[Attachment]]:
                 texts.append(_text_of(el.get("text")))
             elif tag == "at":
                 texts.append(_text_of(el.get("user_id")))  # "@_user_1": mentions fix it below
-            elif tag == "img" and isinstance(el.get("image_key"), str):
+            elif tag == "img" and _text_of(el.get("image_key")):
                 atts.append(Attachment("image", el["image_key"]))
-            elif tag == "media" and isinstance(el.get("file_key"), str):
+            elif tag == "media" and _text_of(el.get("file_key")):
                 atts.append(Attachment("video", el["file_key"], _text_of(el.get("file_name")) or None))
     return [t for t in texts if t], atts
 
