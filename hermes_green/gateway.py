@@ -24,7 +24,7 @@ import gevent.pool
 from gevent import GreenletExit
 
 from . import metrics
-from .agent.base import Agent, EchoAgent, Turn
+from .agent.base import Agent, Turn, TurnFailed
 from .config import Config
 from .models import InboundMessage, OutboundMessage, attachment_placeholder
 from .platforms.base import Backoff, FatalPlatformError, PlatformAdapter, SendError, State
@@ -232,6 +232,8 @@ class Gateway:
             answer = self.agent.run_turn(turn)
         except GreenletExit:
             raise
+        except TurnFailed as e:
+            answer, state = e.reply, "failed"
         except Exception as e:
             log.exception("agent failed platform=%s chat=%s error=%s", platform, chat_id,
                           type(e).__name__)
@@ -239,8 +241,10 @@ class Gateway:
         finally:
             metrics.turns_in_flight.dec()
             metrics.turn_seconds.observe(time.monotonic() - started)
-        self._finish(platform, chat_id, batch, answer, state=state, user_text=text,
-                     answer_text=answer if state == "answered" else None)
+        # A failed turn leaves no trace in history: the model never reads its error back.
+        ok = state == "answered"
+        self._finish(platform, chat_id, batch, answer, state=state,
+                     user_text=text if ok else None, answer_text=answer if ok else None)
 
     def _on_interrupted(self, batch: list[InboundMessage]) -> None:
         platform, chat_id = batch[0].chat_key

@@ -9,7 +9,7 @@ import gevent.socket
 import pytest
 
 from hermes_green import metrics
-from hermes_green.agent.base import EchoAgent, Turn
+from hermes_green.agent.base import EchoAgent, Turn, TurnFailed
 from hermes_green.agent.llm import LLMClient
 from hermes_green.agent.loop import EMPTY_REPLY, LLMAgent, build_agent
 from hermes_green.config import AgentConfig, Config, ConfigError, ExecutorsConfig, parse_config
@@ -176,10 +176,17 @@ def test_429_then_success(fake, make_agent):
     assert len(fake.chat_requests) == 2
 
 
+def failed_reply(agent, t) -> str:
+    """An LLM failure ends the turn with TurnFailed carrying the user-facing reply."""
+    with pytest.raises(TurnFailed) as e:
+        agent.run_turn(t)
+    return e.value.reply
+
+
 def test_500_every_time_gives_a_user_facing_error_reply(fake, make_agent):
     agent = make_agent()
     fake.script(*[http_error(500)] * 3)
-    answer = agent.run_turn(turn("hi"))
+    answer = failed_reply(agent, turn("hi"))
     assert answer == ("Sorry, I could not get an answer: the model server answered HTTP 500. "
                       "Please try again in a moment.")
     assert len(fake.chat_requests) == 3  # 1 + max_retries
@@ -188,21 +195,21 @@ def test_500_every_time_gives_a_user_facing_error_reply(fake, make_agent):
 def test_malformed_stream_gives_an_error_reply(fake, make_agent):
     agent = make_agent()
     fake.script(malformed())
-    assert agent.run_turn(turn("hi")).startswith(
+    assert failed_reply(agent, turn("hi")).startswith(
         "Sorry, I could not get an answer: the model server sent a broken answer.")
 
 
 def test_failure_after_partial_text_keeps_the_text(fake, make_agent):
     agent = make_agent()
     fake.script(malformed(good_chunks=2))
-    answer = agent.run_turn(turn("hi"))
+    answer = failed_reply(agent, turn("hi"))
     assert answer.startswith("piece0 piece1 \n\n(Sorry, I could not get an answer")
 
 
 def test_model_down_gives_an_error_reply(make_agent, fake):
     agent = make_agent()
     fake.stop()
-    assert "cannot be reached" in agent.run_turn(turn("hi"))
+    assert "cannot be reached" in failed_reply(agent, turn("hi"))
 
 
 def test_interrupt_cancels_a_streaming_turn_and_closes_its_connection(fake, make_agent):

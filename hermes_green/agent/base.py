@@ -21,10 +21,19 @@ class Turn:
     on_progress: Callable[[str], None] = lambda text_so_far: None
 
 
+class TurnFailed(Exception):
+    """The turn could not produce an answer (LLM down after retries). `reply` is the short text
+    the user gets instead; the gateway sends it, marks the message failed and keeps it out of
+    the chat history, so the model never reads its own error message back as an answer."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
 class Agent(Protocol):
     def run_turn(self, turn: Turn) -> str:
-        """Return the final answer. Failures the user should hear about (LLM down after
-        retries) come back as a short answer text, not an exception."""
+        """Return the final answer, or raise TurnFailed with the text the user should get."""
 
     def close(self) -> None:
         """Release pools and connections at shutdown."""

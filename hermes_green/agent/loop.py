@@ -20,7 +20,7 @@ from typing import Callable
 
 import gevent
 
-from .base import Agent, EchoAgent, Message, Turn
+from .base import Agent, EchoAgent, Message, Turn, TurnFailed
 from .executors import Executors
 from .llm import Completion, LLMClient, LLMError, ToolCall
 from .tools import ToolRegistry, ToolResult, call_tool
@@ -126,7 +126,7 @@ class LLMAgent:
                             rounds, e)
                 reply = error_reply(e)
                 so_far = progress.text
-                return f"{so_far}\n\n({reply})" if so_far else reply
+                raise TurnFailed(f"{so_far}\n\n({reply})" if so_far else reply) from None
             progress.commit()
             if not completion.tool_calls:
                 break
