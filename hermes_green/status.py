@@ -429,8 +429,8 @@ class StatusServer:
         self._server = server
         self.port = server.server_port
         logging.getLogger().addHandler(self.errors)
-        log.info("status server listening url=%s token=%s", self.url,
-                 "required" if self._token.required else "none")
+        log.info("status server listening url=%s auth=%s", self.url,
+                 "bearer" if self._token.required else "none (loopback)")
         return self
 
     def stop(self) -> None:
