@@ -171,13 +171,14 @@ class FeishuApi:
         """One JSON call; with `auth`, a rejected token is refreshed and the call repeated once."""
         what = what or path
         for attempt in (1, 2):
-            headers = {"Authorization": f"Bearer {self.tenant_token()}"} if auth else {}
+            token = self.tenant_token() if auth else None
+            headers = {"Authorization": f"Bearer {token}"} if auth else {}
             try:
                 return self._request(method, path, body, params, headers, what)
             except ApiError as e:
                 if not (auth and e.auth_error and attempt == 1):
                     raise
-                self.invalidate_token()
+                self.invalidate_token(token)
         raise AssertionError("unreachable")
 
     def _request(self, method, path, body, params, headers, what) -> dict:
@@ -214,8 +215,11 @@ class FeishuApi:
                 self._token, self._token_expires_at = token, self._clock() + expire - margin
             return self._token
 
-    def invalidate_token(self) -> None:
-        self._token = None
+    def invalidate_token(self, refused: str | None = None) -> None:
+        """Forget the token; with `refused`, only if it is still that one (several senders
+        refused at once then cause one refresh, not one each)."""
+        if refused is None or self._token == refused:
+            self._token = None
 
     # the calls -----------------------------------------------------------------------------
     def endpoint(self) -> dict:
