@@ -309,3 +309,18 @@ def test_a_five_megabyte_payload_in_a_frame_is_skipped_unharmed(harness):
         frame.headers.add(key=k, value=v)
     harness.feed(frame.SerializeToString())  # (the read loop already skips frames over 1 MB)
     assert not harness.delivered
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"PingInterval": NaN}', b'{"PingInterval": Infinity}', b'{"PingInterval": -1}',
+    b'{"PingInterval": 1' + b'0' * 400 + b'}', b'[' * 100_000 + b']' * 100_000,
+    b'{"header": {"event_type": "im.message.receive_v1"}, "event": ' + b'[' * 100_000 + b']' * 100_000 + b'}',
+])
+def test_hostile_json_in_pongs_and_events_is_skipped(harness, payload):
+    interval = harness.adapter.heartbeat_interval_s
+    for method, kind in ((0, "pong"), (1, "event")):
+        frame = Frame(SeqID=0, LogID=0, service=7, method=method, payload=payload)
+        for k, v in (("type", kind), ("message_id", "fm_h"), ("sum", "1"), ("seq", "0")):
+            frame.headers.add(key=k, value=v)
+        harness.feed(frame.SerializeToString())
+    assert harness.adapter.heartbeat_interval_s in (interval, 0.05)  # -1: clamped, never < 0.05

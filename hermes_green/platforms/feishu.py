@@ -26,6 +26,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -385,7 +386,7 @@ def parse_message_event(event: Any, bot_open_id: str | None) -> InboundMessage:
     chat_type = "dm" if msg.get("chat_type") == "p2p" else "group"
     try:
         content = json.loads(msg.get("content") or "{}")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise Skip("bad_content") from None
     if not isinstance(content, dict):
         raise Skip("bad_content")
@@ -495,7 +496,13 @@ class FeishuAdapter(LongConnectionAdapter):
         interval = conf.get("PingInterval")
         if isinstance(interval, bool) or not isinstance(interval, (int, float)):
             return
-        interval = min(max(float(interval), MIN_PING_INTERVAL_S), MAX_PING_INTERVAL_S)
+        try:
+            interval = float(interval)
+        except OverflowError:
+            return
+        if not math.isfinite(interval):  # json.loads takes NaN and Infinity
+            return
+        interval = min(max(interval, MIN_PING_INTERVAL_S), MAX_PING_INTERVAL_S)
         if interval == self.heartbeat_interval_s:
             return
         if self.ws is not None and self._heartbeat is not None:
@@ -545,7 +552,7 @@ class FeishuAdapter(LongConnectionAdapter):
         if frame.payload:
             try:
                 conf = json.loads(frame.payload)
-            except ValueError:
+            except (ValueError, RecursionError):
                 self.log.warning("pong skipped platform=%s reason=bad_client_config", self.name)
                 return
             self._apply_client_config(conf)
@@ -580,7 +587,7 @@ class FeishuAdapter(LongConnectionAdapter):
             envelope = json.loads(payload)
             if not isinstance(envelope, dict):
                 raise ValueError("not an object")
-        except ValueError as e:  # UnicodeDecodeError is a ValueError too
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError too
             self.log.warning("event skipped platform=%s reason=bad_json frame_msg=%s error=%s",
                              self.name, frame_msg_id[:64], type(e).__name__)
             return True
