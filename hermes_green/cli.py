@@ -76,8 +76,12 @@ def run_gateway(config) -> int:
     gateway = Gateway(config, hub_watch=hub)
     gateway.start()
     if config.gateway.status.enabled:
-        from .status import StatusServer
-        gateway.status_server = StatusServer(gateway, config.gateway.status).start()
+        from .status import StatusServer, StatusServerError
+        try:
+            gateway.status_server = StatusServer(gateway, config.gateway.status).start()
+        except StatusServerError as e:
+            gateway.shutdown()
+            return _fail(f"gateway.status: {e}")
     return gateway.serve_forever()
 
 

@@ -132,3 +132,20 @@ def test_cli_corrupt_database(tmp_path):
 def test_cli_missing_config_file(tmp_path):
     result = run_cli("--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+def test_cli_status_port_in_use_is_one_line_exit_2(tmp_path):
+    import socket
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        path = tmp_path / "config.yaml"
+        path.write_text(f"gateway: {{data_dir: {tmp_path}/data, status: {{port: {port}}}}}\n")
+        result = run_cli("--config", str(path))
+    finally:
+        busy.close()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("hermes-green: gateway.status:")

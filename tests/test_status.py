@@ -54,12 +54,12 @@ class Env:
 def outage(fake: FakeTestChat) -> None:
     """The platform becomes unreachable: live connections are cut and new ones are not accepted
     (connects hang in the listen backlog until `recover`)."""
-    fake._server.stop_accepting()
+    fake.refuse_connections()
     fake.drop()
 
 
 def recover(fake: FakeTestChat) -> None:
-    fake._server.start_accepting()
+    fake.accept_connections()
 
 
 @pytest.fixture

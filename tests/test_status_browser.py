@@ -40,29 +40,37 @@ class FakesSetup:
 
 
 def gateway_on_fakes(tmp_path) -> FakesSetup:
-    """The one place that decides which fakes the browser test runs on (today the test
-    platform; the demo's WeCom/Feishu/QQ fakes drop in here with the same fields)."""
-    from tests.fakes.fake_testchat import FakeTestChat
-    from tests.support import GateAgent, start_inprocess_gateway
+    """The one place that decides which fakes the browser test runs on: the demo's fleet
+    (strict WeCom, Feishu and QQ Bot fakes and the fake LLM) and a real gateway on them."""
+    from hermes_green.config import Config
+    from hermes_green.gateway import Gateway
+    from tests.fakes.fleet import FakeFleet
+    from tests.support import wait_until
 
-    fake = FakeTestChat().start()
-    gateway = start_inprocess_gateway(tmp_path, fake, GateAgent())
-    gateway.hub_watch = HubWatch()
-    gateway.hub_watch.start()
-    for text in ("hello", "how are you?"):
-        mid = fake.send_user_message(text)
-        fake.wait_for(lambda: fake.replies_to(mid))
+    fleet = FakeFleet(llm_chunk_delay_s=0.001).start()
+    config = Config.model_validate({
+        "gateway": {"data_dir": str(tmp_path / "data"), "status": {"enabled": False}},
+        "agent": fleet.agent_config(),
+        "platforms": fleet.platforms_config(backoff={"initial_s": 0.05, "max_s": 0.5})})
+    gateway = Gateway(config, hub_watch=HubWatch()).start()
+    wait_until(lambda: len(gateway.adapters) == 3
+               and all(a.ready.is_set() for a in gateway.adapters.values()), timeout=20,
+               what="three platforms connected")
+    for platform in fleet.platforms:
+        mid = fleet.send(platform, "hello")
+        wait_until(lambda: fleet.answers(platform, mid), timeout=20, what=f"{platform} answer")
+    target = fleet.fakes["qqbot"]
 
     def outage() -> None:
-        fake._server.stop_accepting()  # reconnects wait in the listen backlog
-        fake.drop()
+        target.refuse_connections()  # reconnects (token, gateway URL, socket) wait unanswered
+        target.drop()
 
     def close() -> None:
         gateway.shutdown()
-        fake.stop()
+        fleet.stop()
 
-    return FakesSetup(gateway, ["testchat"], "testchat", outage,
-                      fake._server.start_accepting, close)
+    return FakesSetup(gateway, list(fleet.platforms), "qqbot", outage,
+                      target.accept_connections, close)
 
 
 class BrowserCheck:

@@ -14,6 +14,7 @@ Faults (all take effect at once, on every live connection unless one is named):
     send_garbage(data)         send raw text/bytes as a frame
     rest_delay_s               every REST reply waits this long first
     rest_429(n, retry_after)   the next n REST calls get 429 with Retry-After
+    refuse_connections()       an outage: nothing new is accepted until accept_connections()
 """
 from __future__ import annotations
 
@@ -255,6 +256,16 @@ class FakePlatformServer:
                 conn.ws.send(data, binary=isinstance(data, bytes))
             except Exception:
                 pass
+
+    def refuse_connections(self) -> None:
+        """An outage: new connections (and REST calls) wait unanswered in the listen backlog
+        until `accept_connections()`; live ones are untouched (combine with `drop()`)."""
+        if self._server is not None:
+            self._server.stop_accepting()
+
+    def accept_connections(self) -> None:
+        if self._server is not None:
+            self._server.start_accepting()
 
     def rest_429(self, times: int = 1, retry_after: float = 1.0) -> None:
         self._rest_429.extend([retry_after] * times)
