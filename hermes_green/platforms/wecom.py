@@ -258,10 +258,11 @@ class WeComAdapter(LongConnectionAdapter):
             chat_id = user_id
         else:
             return skip("unknown_chattype")
+        if not all(map(_encodable, (req_id, msgid, user_id, chat_id))):
+            return skip("invalid_id")  # echoed back on the wire and stored: must be UTF-8
         text, attachments = _content(body)
         if not text and not attachments:
             return skip("empty")
-        msgid, chat_id, user_id = _clean(msgid), _clean(chat_id), _clean(user_id)
         return InboundMessage(
             platform=self.name, message_id=msgid, chat_id=chat_id, user_id=user_id,
             text=_clean(text), chat_type="group" if chattype == "group" else "dm",
@@ -283,21 +284,24 @@ class WeComAdapter(LongConnectionAdapter):
         chat_id = out.chat_id or ref.get("chatid")
         if not self.ready.wait(self.config.ack_timeout_s):
             raise SendError("wecom is not connected", retryable=True)
-        req_id = ref.get("req_id")
-        if out.seq == 0 and _nonempty(req_id):
-            rest = self._finish_stream(self._stream(ref), _fit(out.text))
-            if rest is None:
-                self._sent(chat_id, out, "stream")
-                return
-        else:
-            rest = _fit(out.text)
-        if rest.strip():
-            self._send_proactive(chat_id, rest)
+        text = _fit(out.text)
+        if out.seq == 0 and _nonempty(ref.get("req_id")):
+            st = self._stream(ref)
+            rest = self._finish_stream(st, text)
+            if rest:  # the stream could not carry (all of) it
+                self._send_proactive(chat_id, rest)
+            self._forget(st)
+            return self._sent(chat_id, out, "proactive" if rest else "stream")
+        if not text.strip():
+            self.log.info("reply skipped platform=%s chat=%s msg=%s seq=%d reason=empty",
+                          self.name, chat_id, out.in_reply_to, out.seq)
+            return
+        self._send_proactive(chat_id, text)
         self._sent(chat_id, out, "proactive")
 
-    def _finish_stream(self, st: _Stream, text: str) -> str | None:
-        """Finish the stream with the full text. None when done; else the text still to send
-        proactively (all of it, or what the early-closed stream does not show)."""
+    def _finish_stream(self, st: _Stream, text: str) -> str:
+        """Finish the stream with the full text. Returns what is still to be sent proactively:
+        "" when done, else all of it, or what the stream finished early does not show."""
         with self._serial(st.req_id):
             if not (st.closed_early or st.unusable):
                 if st.opened_at is None:
@@ -305,15 +309,14 @@ class WeComAdapter(LongConnectionAdapter):
                 answer = self._request(CMD_RESPOND, st.req_id, _stream_body(st.id, True, text))
                 code = _errcode(answer)
                 if code == 0:
-                    self._forget(st)
-                    return None
+                    return ""
                 if code not in (ERR_REQ_ID_INVALID, ERR_STREAM_TOO_LONG):
                     raise _refused(CMD_RESPOND, answer)
                 st.unusable = True
                 self.log.info("reply falls back platform=%s req=%s errcode=%s to=proactive",
                               self.name, _short(st.req_id), code)
             if st.closed_early and st.shown and text.startswith(st.shown):
-                return text[len(st.shown):].lstrip()
+                return text[len(st.shown):].strip()
             return text
 
     def _send_proactive(self, chat_id: Any, text: str) -> None:
@@ -341,7 +344,8 @@ class WeComAdapter(LongConnectionAdapter):
             return
         st.updating = True
         st.last_update = now
-        g = self._background.spawn(self._push_progress, st, _fit(text_so_far[:self.reply_chunk_chars()]))
+        shown = _fit(text_so_far[:self.reply_chunk_chars()])
+        g = self._background.spawn(self._push_progress, st, shown)
         g.name = f"{self.name}:progress"
 
     def _push_progress(self, st: _Stream, text: str) -> None:
@@ -484,6 +488,14 @@ def _fit(text: str) -> str:
         else raw.decode("utf-8")
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _clean(text: str) -> str:
     """JSON may carry lone surrogates (\\ud800): make the text encodable as UTF-8."""
     return text.encode("utf-8", "replace").decode("utf-8")
@@ -514,10 +526,8 @@ def _content(body: dict) -> tuple[str, tuple[Attachment, ...]]:
         for item in items if isinstance(items, list) else ():
             if isinstance(item, dict):
                 _part(item.get("msgtype"), item, texts, attachments)
-    elif isinstance(msgtype, str) and msgtype:
-        _part(msgtype, body, texts, attachments)
     else:
-        attachments.append(Attachment("other", "", None))
+        _part(msgtype, body, texts, attachments)
     text = "\n".join(t for t in texts if t)
     if attachments:
         placeholder = attachment_placeholder(attachments)
@@ -526,7 +536,10 @@ def _content(body: dict) -> tuple[str, tuple[Attachment, ...]]:
 
 
 def _part(msgtype: Any, holder: dict, texts: list[str], attachments: list[Attachment]) -> None:
-    value = holder.get(msgtype) if isinstance(msgtype, str) else None
+    if not isinstance(msgtype, str) or not msgtype:
+        attachments.append(Attachment("other", "", None))
+        return
+    value = holder.get(msgtype)
     value = value if isinstance(value, dict) else {}
     if msgtype == "text":
         content = value.get("content")
@@ -542,4 +555,4 @@ def _part(msgtype: Any, holder: dict, texts: list[str], attachments: list[Attach
         attachments.append(Attachment(_MEDIA_KINDS[msgtype], _clean(url) if isinstance(url, str)
                                       else ""))
     else:
-        attachments.append(Attachment("other", "", _clean(_short(msgtype)) or None))
+        attachments.append(Attachment("other", "", _clean(msgtype[:_MAX_LOG_TEXT])))
