@@ -324,8 +324,15 @@ def test_send_without_a_message_to_reply_to_goes_to_the_chat(fake, start):
     fake.send_user_message("hi")
     fake.wait_for(lambda: run.gw.inbox, timeout=3)
     chat = run.gw.inbox[0].chat_id
-    run.adapter.send(OutboundMessage("feishu", chat, "proactive"))
-    assert [(r.message_id, r.chat_id, r.text) for r in fake.replies] == [(None, chat, "proactive")]
+    run.adapter.send(OutboundMessage("feishu", chat, "proactive", outbox_id=7))
+    run.adapter.send(OutboundMessage("feishu", chat, "proactive", outbox_id=7))  # a re-send
+    run.adapter.send(OutboundMessage("feishu", chat, "another", outbox_id=8))
+    run.adapter.send(OutboundMessage("feishu", chat, "reused row id", outbox_id=7))
+    run.adapter.send(OutboundMessage("feishu", chat, "no row"))
+    run.adapter.send(OutboundMessage("feishu", chat, "no row"))  # no identity: both are sent
+    assert [(r.message_id, r.chat_id, r.text) for r in fake.replies] == [
+        (None, chat, t) for t in ("proactive", "another", "reused row id", "no row", "no row")]
+    assert fake.replies[-1].uuid is None
 
 
 def test_reply_to_an_unknown_message_is_not_retried(fake, start):

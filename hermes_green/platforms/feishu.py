@@ -22,6 +22,7 @@ loaded without the SDK's package `__init__` (see `load_frame_class`): on this ma
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -409,6 +410,19 @@ def reply_uuid(target: str, seq: int) -> str:
     return str(uuid.uuid5(UUID_NAMESPACE, f"{target}:{seq}"))
 
 
+def _idempotency_key(out: OutboundMessage, message_id: str | None) -> str | None:
+    """What makes a re-send recognizable. A reply: the message answered (the gateway answers
+    each inbound message in one batch, so (message_id, seq) names one part of one answer). A
+    plain message: its outbox row, with the chat and text (SQLite may reuse a deleted row id);
+    with no row there is no durable identity, so no uuid (Feishu would merge equal texts)."""
+    if message_id:
+        return str(message_id)
+    if out.outbox_id is not None:
+        digest = hashlib.sha1(out.text.encode("utf-8", "replace")).hexdigest()[:12]
+        return f"chat:{out.chat_id}:outbox:{out.outbox_id}:{digest}"
+    return None
+
+
 def _headers(frame) -> dict[str, str]:
     return {h.key: h.value for h in frame.headers}
 
@@ -641,7 +655,9 @@ class FeishuAdapter(LongConnectionAdapter):
         else:  # nothing to reply to: a plain message to the chat
             path, params = MESSAGES_PATH, {"receive_id_type": "chat_id"}
             body = {"receive_id": out.chat_id, "msg_type": "text", "content": content}
-        body["uuid"] = reply_uuid(str(message_id or out.chat_id), out.seq)
+        key = _idempotency_key(out, message_id)
+        if key is not None:
+            body["uuid"] = reply_uuid(key, out.seq)
         self.api.timeout_s = self.rest_timeout_s
         try:
             self.api.call("POST", path, body=body, params=params, what="reply")
