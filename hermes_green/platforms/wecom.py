@@ -329,9 +329,9 @@ class WeComAdapter(LongConnectionAdapter):
             raise _refused(CMD_SEND, answer)
 
     def _sent(self, chat_id: Any, out: OutboundMessage, kind: str) -> None:
-        self.stats.messages_out += 1
-        self.log.info("reply sent platform=%s chat=%s msg=%s seq=%d kind=%s",
-                      self.name, chat_id, out.in_reply_to, out.seq, kind)
+        # The gateway counts and logs the accepted reply; this adds how it went out.
+        self.log.debug("reply accepted platform=%s chat=%s msg=%s seq=%d kind=%s",
+                       self.name, chat_id, out.in_reply_to, out.seq, kind)
 
     def progress(self, reply_ref: dict, text_so_far: str) -> None:
         req_id = reply_ref.get("req_id") if isinstance(reply_ref, dict) else None
