@@ -68,9 +68,15 @@ class Callback:
 
 @dataclass
 class Reply:
-    """An answer the user sees: a finished stream or an accepted proactive message."""
-    msgid: str | None  # the inbound message it answers (proactive: the oldest unanswered one
-    chatid: str  # in that chat, else None)
+    """An answer the user sees: a finished stream or an accepted proactive message.
+
+    A proactive message names no inbound message on the wire. The fake attributes it to the
+    answer in progress in its chat: the message whose stream was finished there last, else
+    (no stream yet, e.g. after a 846605 fallback) the oldest unanswered message of the chat.
+    Exact for one turn at a time per chat while streams work; a chain of fallback-only answers
+    in one chat is attributed to its first message."""
+    msgid: str | None  # the inbound message it answers
+    chatid: str
     content: str
     kind: str  # "stream" | "proactive"
     req_id: str
@@ -110,6 +116,8 @@ class FakeWeComServer(FakePlatformServer):
         self._refuse: list[int] = []
         self._time_offset = 0.0
         self._current: Conn | None = None  # the subscribed connection of the bot
+        # chat -> the message whose answer is going out there (proactive parts belong to it)
+        self._answering: dict[str, str | None] = {}
 
     # -- clock -------------------------------------------------------------------------------
     def now(self) -> float:
@@ -273,6 +281,7 @@ class FakeWeComServer(FakePlatformServer):
             return self._answer(conn, cmd, req_id, ERR_STREAM_TOO_LONG, "stream expired")
         if finish:
             cb.finished_content = content
+            self._answering[cb.chatid] = cb.msgid
             self.replies.append(Reply(cb.msgid, cb.chatid, content, "stream", req_id, conn.id))
         else:
             self.stream_updates.append((req_id, content))
@@ -289,11 +298,13 @@ class FakeWeComServer(FakePlatformServer):
             return self._answer(conn, cmd, req_id, ERR_BAD_REQUEST, "invalid message")
         if chatid not in self.chats:
             return self._answer(conn, cmd, req_id, ERR_UNKNOWN_CHAT, "chat never wrote to the bot")
-        answered = {r.msgid for r in self.replies}
-        pending = [cb.msgid for cb in self.callbacks.values()
-                   if cb.chatid == chatid and cb.msgid not in answered]
-        self.replies.append(Reply(pending[0] if pending else None, chatid, content, "proactive",
-                                  req_id, conn.id))
+        msgid = self._answering.get(chatid)
+        if msgid is None:  # no stream answered in this chat yet: the oldest unanswered message
+            answered = {r.msgid for r in self.replies}
+            msgid = next((cb.msgid for cb in self.callbacks.values()
+                          if cb.chatid == chatid and cb.msgid not in answered), None)
+            self._answering[chatid] = msgid
+        self.replies.append(Reply(msgid, chatid, content, "proactive", req_id, conn.id))
         self._answer(conn, cmd, req_id, ERR_OK)
 
     def _answer(self, conn: Conn, cmd: Any, req_id: str, errcode: int, errmsg: str = "ok") -> None:
