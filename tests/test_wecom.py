@@ -139,7 +139,6 @@ def test_dm_text_message_and_stream_reply(fake, start):
     assert frame["headers"]["req_id"] == cb_req_id
     assert frame["body"]["stream"] == {"id": _stream_id(msg.message_id), "finish": True,
                                        "content": "hi alice"}
-    assert run.adapter.stats.messages_out == 1
 
 
 def test_group_text_message_and_reply(fake, start):
@@ -162,6 +161,16 @@ def test_later_parts_go_out_as_proactive_markdown(fake, start):
                             "markdown": {"content": "part two"}}
     assert [(r.kind, r.content) for r in fake.replies] == [("stream", "part one"),
                                                            ("proactive", "part two")]
+
+
+def test_fake_attributes_later_parts_to_their_answer_not_to_a_queued_message(fake, start):
+    run = start()
+    first = receive(fake, run, "first", userid="carol")
+    queued = receive(fake, run, "second, while the first is answered", userid="carol")
+    run.adapter.send(answer(first, "1/2", seq=0))
+    run.adapter.send(answer(first, "2/2", seq=1))
+    assert [r.content for r in fake.replies_to(first.message_id)] == ["1/2", "2/2"]
+    assert fake.replies_to(queued.message_id) == []
 
 
 def test_reply_chunk_fits_the_content_limit_in_any_script(fake, start):
