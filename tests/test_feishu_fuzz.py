@@ -71,7 +71,8 @@ class Harness:
             assert msg.platform == "feishu" and msg.chat_type in ("dm", "group")
             assert msg.reply_ref["message_id"] == msg.message_id
             for att in msg.attachments:
-                assert isinstance(att, Attachment) and att.kind and isinstance(att.ref, str) and att.ref
+                assert isinstance(att, Attachment) and att.kind
+                assert isinstance(att.ref, str) and att.ref
             assert InboundMessage.from_json(msg.to_json()) == msg
         for raw in self.sent:
             ack = Frame()
@@ -113,7 +114,8 @@ def _content(message_type: str, text: str, key: str) -> dict:
 
 
 def _envelope(message_type, text, key, chat_type, mentioned, message_id, sender):
-    mentions = [{"key": "@_user_1", "id": {"open_id": mentioned}, "name": "n"}] if mentioned else None
+    mentions = ([{"key": "@_user_1", "id": {"open_id": mentioned}, "name": "n"}]
+                if mentioned else None)
     return {"schema": "2.0",
             "header": {"event_id": "ev", "event_type": "im.message.receive_v1"},
             "event": {"sender": {"sender_id": {"open_id": sender}},
@@ -168,9 +170,11 @@ def _mutate(envelope: dict, changes) -> dict:
 envelopes = st.builds(_mutate, valid_envelopes, mutations)
 payloads = st.one_of(envelopes.map(lambda e: json.dumps(e).encode()),
                      envelopes.map(lambda e: json.dumps(e).encode()),
-                     st.fixed_dictionaries({"PingInterval": junk}).map(lambda c: json.dumps(c).encode()),
+                     st.fixed_dictionaries({"PingInterval": junk}).map(
+                         lambda c: json.dumps(c).encode()),
                      st.binary(max_size=64))
-any_header = st.tuples(st.sampled_from(["type", "message_id", "sum", "seq", "trace_id", "biz_rt", "x"]),
+any_header = st.tuples(st.sampled_from(["type", "message_id", "sum", "seq", "trace_id", "biz_rt",
+                                        "x"]),
                        st.one_of(st.sampled_from(["event", "card", "ping", "pong", "1", "2", "0",
                                                   "-1", "99999999999999999999", "m1", ""]),
                                  st.text(max_size=8)))
@@ -179,7 +183,8 @@ shaped_headers = st.builds(
     lambda kind, mid, total, seq: [("type", kind), ("message_id", mid), ("sum", total),
                                    ("seq", seq), ("trace_id", "t")],
     st.sampled_from(["event", "event", "event", "card", "pong", "ping", "?"]), ids,
-    st.sampled_from(["1", "1", "1", "1", "2", "3", "0", "x"]), st.sampled_from(["0", "0", "1", "5"]))
+    st.sampled_from(["1", "1", "1", "1", "2", "3", "0", "x"]),
+    st.sampled_from(["0", "0", "1", "5"]))
 methods = st.one_of(st.just(1), st.just(1), st.just(1), st.just(0), st.integers(-2**31, 2**31 - 1))
 
 
@@ -246,7 +251,8 @@ def _parts(frame_msg_id: str, payload: bytes, n: int) -> list[bytes]:
     size = -(-len(payload) // n)
     out = []
     for i in range(n):
-        frame = Frame(SeqID=i, LogID=0, service=7, method=1, payload=payload[i * size:(i + 1) * size])
+        chunk = payload[i * size:(i + 1) * size]
+        frame = Frame(SeqID=i, LogID=0, service=7, method=1, payload=chunk)
         for k, v in (("type", "event"), ("message_id", frame_msg_id), ("sum", str(n)),
                      ("seq", str(i)), ("trace_id", "t")):
             frame.headers.add(key=k, value=v)
@@ -314,7 +320,8 @@ def test_a_five_megabyte_payload_in_a_frame_is_skipped_unharmed(harness):
 @pytest.mark.parametrize("payload", [
     b'{"PingInterval": NaN}', b'{"PingInterval": Infinity}', b'{"PingInterval": -1}',
     b'{"PingInterval": 1' + b'0' * 400 + b'}', b'[' * 100_000 + b']' * 100_000,
-    b'{"header": {"event_type": "im.message.receive_v1"}, "event": ' + b'[' * 100_000 + b']' * 100_000 + b'}',
+    b'{"header": {"event_type": "im.message.receive_v1"}, "event": '
+    + b'[' * 100_000 + b']' * 100_000 + b'}',
 ])
 def test_hostile_json_in_pongs_and_events_is_skipped(harness, payload):
     interval = harness.adapter.heartbeat_interval_s

@@ -134,9 +134,11 @@ class ApiError(Exception):
 
     def __init__(self, what: str, *, status: int | None = None, code: int | None = None,
                  msg: str = "", retry_after: float | None = None, retryable: bool = False):
-        detail = " ".join(f"{k}={v}" for k, v in (("status", status), ("code", code)) if v is not None)
+        detail = " ".join(f"{k}={v}" for k, v in (("status", status), ("code", code))
+                          if v is not None)
         super().__init__(f"{what} failed {detail} {msg[:160]}".strip())
-        self.status, self.code, self.retry_after, self.retryable = status, code, retry_after, retryable
+        self.status, self.code = status, code
+        self.retry_after, self.retryable = retry_after, retryable
 
     @property
     def auth_error(self) -> bool:
@@ -322,7 +324,8 @@ def _post_parts(content: dict) -> tuple[list[str], list[Attachment]]:
             elif tag == "img" and _text_of(el.get("image_key")):
                 atts.append(Attachment("image", el["image_key"]))
             elif tag == "media" and _text_of(el.get("file_key")):
-                atts.append(Attachment("video", el["file_key"], _text_of(el.get("file_name")) or None))
+                name = _text_of(el.get("file_name")) or None
+                atts.append(Attachment("video", el["file_key"], name))
     return [t for t in texts if t], atts
 
 
@@ -347,7 +350,9 @@ def _content_parts(message_type: str, content: dict, message_id: str
         ref = content.get(key)
         if not isinstance(ref, str) or not ref:
             raise Skip(f"no_{key}")
-        name = _text_of(content.get("file_name")) or ("sticker" if message_type == "sticker" else None)
+        name = _text_of(content.get("file_name")) or None
+        if message_type == "sticker":
+            name = name or "sticker"
         return "", [Attachment(kind, ref, name)]
     # interactive cards, shared chats/users, merge_forward, location, ...: described, not parsed
     return "", [Attachment("other", message_id, message_type[:40] or "unknown")]

@@ -444,7 +444,8 @@ class FakeFeishuServer(FakePlatformServer):
 
     def _send_event(self, conn: Conn, ev: PendingEvent) -> None:
         raw = ev.envelope.get("__raw__")
-        payload = raw if isinstance(raw, bytes) else json.dumps(ev.envelope, ensure_ascii=False).encode()
+        payload = (raw if isinstance(raw, bytes)
+                   else json.dumps(ev.envelope, ensure_ascii=False).encode())
         n = max(1, min(self.split_parts, len(payload)))
         size = -(-len(payload) // n)
         chunks = [payload[i * size:(i + 1) * size] for i in range(n)]
