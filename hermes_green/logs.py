@@ -85,9 +85,10 @@ def setup_logging(level: str = "info", fmt: str = "kv", secrets: Iterable[str] =
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # Libraries that log request details at debug level stay at warning.
+    # Chatty libraries stay at warning, unless the user asked for debug (then everything goes
+    # through the same redaction).
     for noisy in ("urllib3", "websocket", "geventwebsocket", "hpack", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
 def config_secrets(config) -> list[str]:

@@ -39,6 +39,7 @@ log = logging.getLogger("hermes_green.platforms")
 # cost the hub a 5 MB json.loads).
 MAX_FRAME_BYTES = 1 << 20
 CONNECT_TIMEOUT_S = 10.0
+TRACE_CHARS = 600  # how much of a frame a debug trace line shows
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -315,6 +316,8 @@ class LongConnectionAdapter(PlatformAdapter):
         ws = self.ws
         if ws is None or not ws.connected:
             raise ConnectionLost("not_connected")
+        if self.log.isEnabledFor(logging.DEBUG):
+            self._trace("out", data)
         try:
             if isinstance(data, bytes):
                 ws.send_bytes(data)
@@ -462,6 +465,8 @@ class LongConnectionAdapter(PlatformAdapter):
                     self.log.warning("frame skipped platform=%s reason=invalid_utf8 bytes=%d",
                                      self.name, len(data))
                     continue
+            if self.log.isEnabledFor(logging.DEBUG):
+                self._trace("in", data)
             try:
                 self.on_frame(data)
             except (ConnectionLost, FatalPlatformError) as e:
@@ -469,6 +474,13 @@ class LongConnectionAdapter(PlatformAdapter):
             except Exception as e:  # one bad frame never kills the connection
                 self.log.warning("frame skipped platform=%s reason=handler_error error=%s: %s",
                                  self.name, type(e).__name__, str(e)[:200])
+
+    def _trace(self, direction: str, data: str | bytes) -> None:
+        """Wire trace at debug level (frames carry secrets and tokens: the log formatter
+        redacts them, see hermes_green/logs.py)."""
+        shown = data[:TRACE_CHARS] if isinstance(data, str) else repr(data[:TRACE_CHARS])
+        self.log.debug("frame %s platform=%s bytes=%d data=%s", direction, self.name, len(data),
+                       shown)
 
     def _on_close_frame(self, code: int | None, reason: str) -> None:
         action = self.close_action(code)

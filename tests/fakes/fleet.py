@@ -10,8 +10,11 @@ fleet answers the questions every scenario asks, the same way for all three:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
+
+import gevent
 
 from .fake_feishu import FakeFeishuServer
 from .fake_llm import FakeLLM
@@ -124,6 +127,19 @@ class FakeFleet:
         else:
             rows = [r for r in fake.replies if r.msg_id == mid]
         return min((r.at for r in rows), default=None)
+
+    def wait_for(self, predicate, timeout: float = 30.0, what=None):
+        """Wait until predicate() is truthy: re-checked whenever any fake records something
+        (and at least every 50 ms). `what()` describes the state for the failure message."""
+        deadline = time.monotonic() + timeout
+        while not (value := predicate()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout}s"
+                                     + (f": {what()}" if what else ""))
+            for fake in self.fakes.values():
+                fake._changed.clear()
+            gevent.wait([f._changed for f in self.fakes.values()], timeout=0.05, count=1)
+        return value
 
     def all_answered(self) -> bool:
         return all(self.answers(p, mid) for p in self.platforms for mid in self._sent[p])
