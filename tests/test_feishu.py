@@ -494,6 +494,23 @@ def test_connection_loss_is_recovered_and_nothing_is_lost(fake, start, fault):
     assert len(run.gw.calls) == 3
 
 
+def test_server_ending_the_session_after_a_while_costs_nothing(new_fake, start):
+    server = new_fake(ping_interval_s=PING_S, ack_deadline_s=ACK_DEADLINE_S, session_max_s=0.6)
+    run = start(server)
+    sent = []
+    for _ in range(3):  # each session ends after 0.6 s, messages keep coming
+        sent.append(server.send_user_message("tick"))
+        server.wait_for(lambda: server.replies_to(sent[-1]), timeout=3)
+        connects = run.adapter.stats.connects
+        server.wait_for(lambda: run.adapter.stats.connects > connects, timeout=3)
+    assert_answered_once(server, *sent)
+    assert {d.reason for d in server.disconnects} == {"session_max"}
+    server.wait_for(lambda: run.adapter.ready.is_set(), timeout=3)
+    reconnect_times["session_max"] = max(run.reconnect_time(t) for t in run.lost_at
+                                         if any(r >= t for r in run.ready_at))
+    assert reconnect_times["session_max"] < RECONNECT_LIMIT_S
+
+
 def test_zombie_connection_is_detected_and_replaced(fake, start):
     run = start()
     t0 = time.monotonic()

@@ -14,7 +14,8 @@ What it enforces, as the real server does (shared/PROTOCOLS.md, "Feishu"):
   event), up to `redeliver_limit` more times; events wait for a connection when none is up;
 - `split_parts` > 1 splits each payload over that many frames (`sum`/`seq`), `shuffle_parts`
   sends them out of order;
-- replies honour `uuid`: one uuid makes at most one message (Feishu: within an hour).
+- replies honour `uuid`: one uuid makes at most one message (Feishu: within an hour);
+- `session_max_s`: connections are ended after that long (seen in the wild: ~19-29 min).
 
 Public API for tests, the demo and benchmarks:
     fake = FakeFeishuServer(ping_interval_s=0.25, ack_deadline_s=0.5).start()
@@ -122,7 +123,7 @@ class FakeFeishuServer(FakePlatformServer):
                  redeliver_limit: int = 3, split_parts: int = 1, shuffle_parts: bool = False,
                  pong_client_config: dict | None = None, token_expire_s: float = 7200,
                  bot_open_id: str = "ou_bot", max_conns: int = 50,
-                 service_id: int = 33554678) -> None:
+                 service_id: int = 33554678, session_max_s: float | None = None) -> None:
         super().__init__()
         self.app_id, self.app_secret = app_id, app_secret
         self.ping_interval_s = ping_interval_s
@@ -136,6 +137,7 @@ class FakeFeishuServer(FakePlatformServer):
         self.bot_open_id = bot_open_id
         self.max_conns = max_conns
         self.service_id = service_id
+        self.session_max_s = session_max_s  # the real server ends sessions after ~19-29 min
         # records
         self.replies: list[Reply] = []
         self.deliveries: list[Delivery] = []
@@ -344,6 +346,9 @@ class FakeFeishuServer(FakePlatformServer):
         conn.state["ping_interval"] = self.ping_interval_s
         self.keepalive_times[conn.id] = []
         conn.expect_keepalive(self.first_ping_deadline_s)
+        if self.session_max_s is not None:
+            timer = gevent.spawn_later(self.session_max_s, conn.close, None, reason="session_max")
+            self._pushers.add(timer)  # ends with the connection's close, or at stop()
         self._conn_up.set()
         return True
 
