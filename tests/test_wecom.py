@@ -10,6 +10,7 @@ import pytest
 import websocket
 
 from hermes_green.config import BackoffConfig, WeComConfig
+from hermes_green.logs import KeyValueFormatter
 from hermes_green.models import InboundMessage, OutboundMessage
 from hermes_green.platforms.base import FatalPlatformError, SendError, State
 from hermes_green.platforms.wecom import WeComAdapter, _stream_id
@@ -23,7 +24,6 @@ from tests.fakes.fake_wecom import (
 PING_S = 0.2
 SECRET = "s3cret-do-not-log"
 RECONNECT_LIMIT_S = 2.0
-reconnect_times: dict[str, float] = {}  # measured in this run, printed with -s
 
 
 @pytest.fixture
@@ -207,7 +207,9 @@ def test_zombie_server_is_detected_and_left(start):
         assert run.adapter.stats.reconnects["zombie"] == 1
         detected = next(d.at for d in server.disconnects if d.conn_id == old) - silent_from
         assert detected < 3 * PING_S + 0.15  # the 2nd unanswered ping is noticed at the 3rd slot
-        reconnect_times["zombie"] = took
+        from_silence = server.subscribed_at[server.current_conn_id] - silent_from
+        print(f"reconnect fault=zombie detected_s={detected:.3f} reconnect_s={took:.3f} "
+              f"silence_to_ready_s={from_silence:.3f}")
         assert took < RECONNECT_LIMIT_S
         msg = receive(server, run, "still there?")
         run.adapter.send(answer(msg, "yes"))
@@ -279,7 +281,7 @@ def test_reconnects_fast_and_loses_or_repeats_nothing(fake, start, fault):
     else:  # the server's own deadline fires: pretend our pings stopped arriving
         fake.conns[old].expect_keepalive(0.01)
     took = wait_reconnected(fake, run, old)
-    reconnect_times[fault] = took
+    print(f"reconnect fault={fault} reconnect_s={took:.3f}")  # shown with -s
     assert took < RECONNECT_LIMIT_S
     second = receive(fake, run, "after")
     run.adapter.send(answer(second, "answer after"))
@@ -381,8 +383,12 @@ def test_wrong_secret_is_fatal_after_the_refusal_limit_and_never_logged(fake, st
     assert run.adapter.stats.state is State.FATAL
     assert run.adapter.stats.connects == 2
     assert [c for c, _, code in fake.refusals if code == ERR_AUTH] == ["aibot_subscribe"] * 2
-    logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert "subscribe refused" in logged
+    # What production writes: every line through the project's formatter (base.py traces
+    # frames at debug, subscribe included). The secret is not registered with the redactor
+    # here, so the shape-based net alone must catch it.
+    formatter = KeyValueFormatter()
+    logged = "\n".join(formatter.format(r) for r in caplog.records)
+    assert "subscribe refused" in logged and "aibot_subscribe" in logged
     assert "not-the-secret" not in logged and "not-the-secret" not in str(err.value)
 
 
@@ -461,6 +467,23 @@ def test_progress_is_throttled_serial_and_finished_with_the_full_text(fake, star
     assert stream_ids == {_stream_id(msg.message_id)}
 
 
+def test_final_frame_waits_for_the_answer_to_the_update_in_flight(fake, start):
+    run = start()
+    msg = receive(fake, run)
+    req_id = msg.reply_ref["req_id"]
+    fake.answer_delay_s = 0.2  # the server is slow to answer this update
+    run.adapter.progress(msg.reply_ref, "partial")
+    fake.wait_for(lambda: fake.stream_updates, timeout=2)
+    run.adapter.send(answer(msg, "partial and final"))  # must not overtake the update
+    frames = [(f.direction, f.data.get("body", {}).get("stream", {}).get("finish"))
+              for f in fake.frames if isinstance(f.data, dict)
+              and f.data.get("headers", {}).get("req_id") == req_id
+              and f.data.get("cmd") != "aibot_msg_callback"]
+    assert frames == [("in", False), ("out", None), ("in", True), ("out", None)]
+    (reply,) = fake.replies_to(msg.message_id)
+    assert reply.content == "partial and final"
+
+
 def test_stream_is_finished_before_the_limit_and_the_rest_sent_proactively(fake, start):
     run = start(stream_max_s=0.3)
     msg = receive(fake, run, chattype="group", chatid="grp-3")
@@ -516,9 +539,3 @@ def test_non_text_messages_become_attachments(fake, start, msgtype, payload, kin
     run.adapter.send(answer(msg, "got it"))
     assert_each_answered_once(fake, [msg.message_id])
 
-
-def test_reconnect_times_are_within_the_limit():
-    # Summary of what the fault tests measured (run with -s to see it).
-    for fault, took in sorted(reconnect_times.items()):
-        print(f"reconnect fault={fault} seconds={took:.3f}")
-        assert took < RECONNECT_LIMIT_S
