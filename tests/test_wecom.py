@@ -539,3 +539,12 @@ def test_non_text_messages_become_attachments(fake, start, msgtype, payload, kin
     run.adapter.send(answer(msg, "got it"))
     assert_each_answered_once(fake, [msg.message_id])
 
+
+
+def test_fake_keepalive_lateness_follows_the_client_timetable():
+    server = FakeWeComServer()  # not started: only its records are used
+    server.subscribed_at[1] = 100.0
+    server.keepalive_times[1] = [101.01, 102.0, 105.5, 106.52, 107.5]
+    late = server.keepalive_lateness(1, 1.0)
+    # one 2.5 s stall counts once; the client restarted its table from the late ping
+    assert [round(x, 3) for x in late] == [0.01, 0.0, 2.5, 0.02, 0.0]

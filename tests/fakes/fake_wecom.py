@@ -191,13 +191,19 @@ class FakeWeComServer(FakePlatformServer):
         return [r for r in self.replies if r.msgid == msgid]
 
     def keepalive_lateness(self, conn_id: int, interval_s: float) -> list[float]:
-        """Seconds each ping arrived after its slot on the timetable that starts when the
-        subscribe was answered (slot k at start + k * interval_s, k = 1, 2, ...)."""
-        start = self.subscribed_at.get(conn_id)
-        if start is None:
+        """Seconds each ping arrived after its slot on the client's timetable: slots every
+        `interval_s` from the subscribe answer; like the client (base.py), a ping later than a
+        whole interval restarts the table from itself, so one stall is counted once."""
+        due = self.subscribed_at.get(conn_id)
+        if due is None:
             return []
-        return [t - (start + k * interval_s)
-                for k, t in enumerate(self.keepalive_times.get(conn_id, []), start=1)]
+        lateness = []
+        for t in self.keepalive_times.get(conn_id, []):
+            due += interval_s
+            lateness.append(t - due)
+            if t - due > interval_s:
+                due = t
+        return lateness
 
     def frames_in_cmd(self, cmd: str, conn_id: int | None = None) -> list[dict]:
         return [f for f in self.frames_in(conn_id) if isinstance(f, dict) and f.get("cmd") == cmd]
