@@ -13,7 +13,10 @@ import logging
 import re
 import sys
 import time
+from _queue import SimpleQueue  # the C queue: gevent does not patch it; get() releases the GIL
 from typing import Iterable
+
+from gevent import monkey
 
 MASK = "***"
 
@@ -75,14 +78,72 @@ class JsonFormatter(logging.Formatter):
         return REDACTOR(json.dumps(doc, ensure_ascii=False))
 
 
+class BackgroundStreamHandler(logging.Handler):
+    """Formats on the caller's greenlet (cheap, and where redaction runs), writes from a native
+    thread. A write to stderr blocks when the reader is slow (a pipe to journald or `tee`, an
+    ssh terminal): seen holding the hub for 100 ms in bench/throughput.py. Here only the
+    writer thread waits; the hub never does."""
+
+    _STOP = object()
+
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self.stream = stream
+        self._queue: SimpleQueue = SimpleQueue()
+        self._allocate_lock = monkey.get_original("_thread", "allocate_lock")
+        self._finished = self._allocate_lock()
+        self._finished.acquire()
+        monkey.get_original("_thread", "start_new_thread")(self._write_forever, ())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._queue.put(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+    def _write_forever(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                break
+            if isinstance(item, str):
+                try:
+                    self.stream.write(item)
+                    if self._queue.empty():
+                        self.stream.flush()
+                except Exception:
+                    pass  # a closed or broken stderr loses log lines, never the gateway
+            else:  # a flush marker: a native lock to release once everything before it is out
+                item.release()
+        self._finished.release()
+
+    def flush(self) -> None:
+        """Wait (briefly, at most 2 s) until every line logged so far is written."""
+        marker = self._allocate_lock()
+        marker.acquire()
+        self._queue.put(marker)
+        marker.acquire(True, 2.0)
+
+    def close(self) -> None:
+        self._queue.put(self._STOP)
+        self._finished.acquire(True, 2.0)
+        try:
+            self.stream.flush()
+        except Exception:
+            pass
+        super().close()
+
+
 def setup_logging(level: str = "info", fmt: str = "kv", secrets: Iterable[str] = (),
                   stream=None) -> None:
     REDACTOR.add(secrets)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = BackgroundStreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+        if isinstance(h, BackgroundStreamHandler):
+            h.close()
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Chatty libraries stay at warning, unless the user asked for debug (then everything goes

@@ -50,6 +50,8 @@ def test_kv_and_json_formats_redact_tracebacks_too():
             raise RuntimeError("failed with hunter2-secret inside")
         except RuntimeError:
             log.exception("boom platform=%s", "qqbot")
+        for h in logging.getLogger().handlers:
+            h.flush()  # lines are written by a background thread
         out = stream.getvalue()
         assert "hunter2-secret" not in out
         lines = out.strip().splitlines()
@@ -59,4 +61,47 @@ def test_kv_and_json_formats_redact_tracebacks_too():
             assert docs[0]["msg"] == "event key=value" and "RuntimeError" in docs[1]["exc"]
         else:
             assert "level=info" in lines[0] and lines[0].endswith("event key=value")
-    logging.getLogger().handlers.clear()
+    for h in list(logging.getLogger().handlers):
+        logging.getLogger().removeHandler(h)
+        h.close()
+
+
+def test_a_blocked_stderr_never_blocks_the_hub():
+    """The writer is stuck (a full pipe nobody reads): logging still returns at once."""
+    import gevent
+    from gevent import monkey
+    from hermes_green.logs import BackgroundStreamHandler
+
+    real_lock = monkey.get_original("_thread", "allocate_lock")()
+    real_lock.acquire()
+
+    class StuckStream:
+        lines: list = []
+
+        def write(self, text):
+            real_lock.acquire(True, 5.0)  # blocks the writer thread, as a full pipe would
+            real_lock.release()
+            self.lines.append(text)
+
+        def flush(self):
+            pass
+
+    stream = StuckStream()
+    handler = BackgroundStreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("hermes_green.test.stuck")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        ticks = []
+        ticker = gevent.spawn(lambda: [ticks.append(1) or gevent.sleep(0.001) for _ in range(20)])
+        for i in range(200):
+            log.warning("line %d", i)
+        ticker.join(timeout=2)
+        assert len(ticks) == 20 and stream.lines == []  # the hub ran on; nothing written yet
+        real_lock.release()
+        handler.flush()
+        assert len(stream.lines) == 200 and stream.lines[0] == "line 0\n"
+    finally:
+        log.removeHandler(handler)
+        handler.close()

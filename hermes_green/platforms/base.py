@@ -31,6 +31,7 @@ import gevent.pool
 import websocket
 
 from .. import metrics
+from ..logs import REDACTOR
 from ..models import InboundMessage, OutboundMessage
 
 log = logging.getLogger("hermes_green.platforms")
@@ -479,8 +480,9 @@ class LongConnectionAdapter(PlatformAdapter):
         """Wire trace at debug level (frames carry secrets and tokens: the log formatter
         redacts them, see hermes_green/logs.py)."""
         shown = data[:TRACE_CHARS] if isinstance(data, str) else repr(data[:TRACE_CHARS])
+        # redacted here too, not only by our formatters: any handler may receive this record
         self.log.debug("frame %s platform=%s bytes=%d data=%s", direction, self.name, len(data),
-                       shown)
+                       REDACTOR(shown))
 
     def _on_close_frame(self, code: int | None, reason: str) -> None:
         action = self.close_action(code)

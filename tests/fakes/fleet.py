@@ -141,6 +141,27 @@ class FakeFleet:
             gevent.wait([f._changed for f in self.fakes.values()], timeout=0.05, count=1)
         return value
 
+    def reply_rows(self, platform: str) -> list[tuple[str, str, float]]:
+        """Every reply the fake accepted as (message id, text, monotonic time), in order."""
+        fake = self.fakes[platform]
+        if platform == "wecom":
+            return [(r.msgid, r.content, r.at) for r in fake.replies]
+        if platform == "feishu":
+            return [(r.message_id, r.text, r.at) for r in fake.replies]
+        return [(r.msg_id, r.content, r.at) for r in fake.replies]
+
+    def reply_count(self, platform: str) -> int:
+        return len(self.fakes[platform].replies)
+
+    def answer_index(self, platform: str) -> dict[str, tuple[list[str], float]]:
+        """message id -> (reply texts, first reply time), built in one pass (benchmarks)."""
+        index: dict[str, tuple[list[str], float]] = {}
+        for mid, text, at in self.reply_rows(platform):
+            texts, first = index.get(mid, ([], at))
+            texts.append(text)
+            index[mid] = (texts, min(first, at))
+        return index
+
     def all_answered(self) -> bool:
         return all(self.answers(p, mid) for p in self.platforms for mid in self._sent[p])
 

@@ -1,0 +1,99 @@
+"""Messages per second end to end, and what the gateway adds to each message.
+
+    python bench/throughput.py [--platform wecom|qqbot|feishu] [--messages 3000] [--rate 200]
+
+Path measured: fake platform -> adapter -> SQLite journal -> session -> zero-latency agent (the
+echo agent: no `agent` section) -> outbox (SQLite) -> adapter -> fake platform, with durable
+writes on. The gateway is a real `bin/hermes-green` child pinned to one core; the fake runs in
+this process pinned to the other, so the gateway's number is not shared with the load.
+
+- burst: `--messages` sent over 200 chats as fast as the fake can; throughput = messages /
+  (last reply - first send);
+- paced: `--rate` messages/s for 5 s; overhead per message = reply receipt - send, p50/p99.
+Prints JSON.
+"""
+from _common import emit, machine, ms_summary  # noqa: I001  (first: sys.path, patching)
+
+import argparse
+import time
+
+import gevent
+import psutil
+
+from footprint import Gateway
+from tests.fakes.fleet import FakeFleet, Keepalive
+
+CHATS = 200
+
+
+def run(platform: str, messages: int, rate: float) -> dict:
+    fleet = FakeFleet((platform,), keepalive=Keepalive(5.0, 30.0)).start()
+    config = {"gateway": {"status": {"enabled": False}, "log_level": "warning"},
+              "platforms": fleet.platforms_config()}
+    gw = Gateway(config)
+    cores = list(range(psutil.cpu_count()))
+    if len(cores) >= 2:
+        psutil.Process(gw.proc.pid).cpu_affinity([cores[0]])
+        psutil.Process().cpu_affinity([cores[1]])
+    try:
+        deadline = time.monotonic() + 60
+        while not fleet.connected(platform):
+            assert time.monotonic() < deadline, "platform never connected"
+            gevent.sleep(0.01)
+        fleet.wait_for(lambda: fleet.keepalives(platform) >= 1, timeout=30)
+        # warm-up (imports, first SQLite pages, connection pools)
+        warm = [fleet.send(platform, f"warm {i}", chat=i) for i in range(50)]
+        fleet.wait_for(lambda: all(fleet.answers(platform, m) for m in warm), timeout=60)
+
+        sent_at: dict[str, float] = {}
+        expected = fleet.reply_count(platform) + messages
+        t0 = time.monotonic()
+        for i in range(messages):
+            mid = fleet.send(platform, f"burst {i}", chat=i % CHATS)
+            sent_at[mid] = time.monotonic()
+            if i % 50 == 49:
+                gevent.sleep(0)  # let the fake's sockets drain
+        fleet.wait_for(lambda: fleet.reply_count(platform) >= expected, timeout=600)
+        index = fleet.answer_index(platform)
+        last = max(index[m][1] for m in sent_at if m in index)
+        burst = {"messages": messages, "seconds": round(last - t0, 3),
+                 "messages_per_s": round(messages / (last - t0), 1),
+                 "lost": sum(1 for m in sent_at if m not in index),
+                 "duplicated": sum(1 for m in sent_at if m in index and len(index[m][0]) != 1)}
+
+        paced: dict[str, float] = {}
+        expected = fleet.reply_count(platform) + int(rate * 5)
+        interval = 1.0 / rate
+        start = time.monotonic()
+        for i in range(int(rate * 5)):
+            due = start + i * interval
+            gevent.sleep(max(0.0, due - time.monotonic()))
+            mid = fleet.send(platform, f"paced {i}", chat=i % CHATS)
+            paced[mid] = time.monotonic()
+        fleet.wait_for(lambda: fleet.reply_count(platform) >= expected, timeout=120,
+                       what=lambda: (fleet.reply_count(platform), expected,
+                                     "".join(line for _, line in gw.lines[-20:])))
+        index = fleet.answer_index(platform)
+        overhead = [index[m][1] - t for m, t in paced.items()]
+        return {"platform": platform, "burst": burst,
+                "paced": {"rate_per_s": rate, **{f"overhead_{k}": v for k, v in
+                                                   ms_summary(overhead).items()}},
+                "gateway_rss_mb": gw.rss_mb(), "exit_code": gw.stop()}
+    finally:
+        if gw.proc.poll() is None:
+            gw.stop()
+        fleet.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--platform", default="wecom", choices=["wecom", "qqbot", "feishu"])
+    ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--rate", type=float, default=200.0)
+    args = ap.parse_args()
+    emit({"bench": "throughput", "machine": machine(), "gateway_cores": 1,
+          "results": run(args.platform, args.messages, args.rate)})
+
+
+if __name__ == "__main__":
+    main()
