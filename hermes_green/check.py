@@ -42,9 +42,9 @@ def check_data_dir(config: Config) -> str:
         store.close()
 
 
-def check_platform(name: str, cfg) -> str:
+def check_platform(name: str, cfg, full: bool) -> str:
     from .gateway import adapter_class
-    return adapter_class(name).check(cfg)
+    return adapter_class(name).check(cfg, full=full)
 
 
 def check_llm(config: Config) -> str:
@@ -68,7 +68,7 @@ def check_tool_module(module: str) -> str:
     return "imported"
 
 
-def run_check(config: Config) -> int:
+def run_check(config: Config, *, full: bool = False) -> int:
     from .logs import REDACTOR, config_secrets
     REDACTOR.add(config_secrets(config))
     checks: list[tuple[str, Callable[[], str]]] = [
@@ -78,7 +78,7 @@ def run_check(config: Config) -> int:
         ("data_dir", lambda: check_data_dir(config)),
     ]
     for name, cfg in config.platforms.enabled().items():
-        checks.append((f"platform {name}", lambda n=name, c=cfg: check_platform(n, c)))
+        checks.append((f"platform {name}", lambda n=name, c=cfg: check_platform(n, c, full)))
     if config.agent is not None:
         checks.append(("llm", lambda: check_llm(config)))
         for module in config.agent.tools:

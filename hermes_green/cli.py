@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate the config, try each platform's auth, the LLM "
                                      "and the tool modules; exit non-zero on any failure")
     c.add_argument("--config", metavar="FILE", required=True)
+    c.add_argument("--full", action="store_true",
+                   help="also open each connection and establish its session (for WeCom this "
+                        "takes the bot over from a running gateway: use it before going live)")
     d = sub.add_parser("demo", help="start fake platforms and a fake LLM on loopback and run a "
                                     "real gateway against them (no credentials needed)")
     d.add_argument("--seconds", type=float, default=30.0, help="how long to run (default 30)")
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(seconds=args.seconds, as_json=args.json)
         if args.command == "check":
             from .check import run_check
-            return run_check(load_config(args.config))
+            return run_check(load_config(args.config), full=args.full)
         if args.command == "chat":
             return run_chat(load_config(args.config))
         if args.config:

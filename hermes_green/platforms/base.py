@@ -201,9 +201,10 @@ class PlatformAdapter:
         raise NotImplementedError
 
     @classmethod
-    def check(cls, config) -> str:
+    def check(cls, config, *, full: bool = False) -> str:
         """`hermes-green check`: perform the real auth step, keep no connection, return a
-        one-line detail; raise PlatformError (or any error) when it fails."""
+        one-line detail; raise PlatformError (or any error) when it fails. `full` also runs
+        steps that would disturb a running gateway (taking over a single-connection bot)."""
         raise NotImplementedError(f"{cls.name} has no check")
 
     def stop(self) -> None:
@@ -281,10 +282,36 @@ class LongConnectionAdapter(PlatformAdapter):
         self._wakeup = gevent.event.Event()
 
     @classmethod
-    def check(cls, config) -> str:
-        """Default: the REST steps before connecting (token, endpoint) are the auth step."""
+    def check(cls, config, *, full: bool = False) -> str:
+        """Default: the REST steps before connecting (token, endpoint) are the auth step;
+        `full` also opens the connection and waits for the session to be established."""
+        if full:
+            return cls.check_session(config)
         url = cls(config, lambda msg: False).prepare()
         return f"credentials accepted; gateway {url.split('?')[0]}"
+
+    @classmethod
+    def check_session(cls, config, timeout_s: float = 15.0) -> str:
+        """Connect, establish the session (subscribe / identify), close. The first failure is
+        reported as it is: no backoff and retry loop."""
+        adapter = cls(config, lambda msg: False)
+        runner = gevent.spawn(adapter.run)
+        runner.name = f"{cls.name}:check"
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not adapter.ready.is_set() and not runner.dead and not adapter.stats.reconnects:
+                if time.monotonic() > deadline:
+                    raise ConnectionLost("timeout", f"no session within {timeout_s:.0f}s")
+                gevent.wait([adapter.ready, runner], timeout=0.05, count=1)
+            if adapter.ready.is_set():
+                return "session established (subscribe/identify accepted), then closed"
+            if runner.dead and runner.exception is not None:
+                raise runner.exception
+            raise ConnectionLost("refused", adapter.stats.last_error or "connection failed")
+        finally:
+            adapter.stop()
+            runner.join(timeout=5)
+            runner.kill(block=False)
 
     # -- protocol hooks ----------------------------------------------------------------------
     def prepare(self) -> str:

@@ -452,7 +452,9 @@ class FeishuAdapter(LongConnectionAdapter):
         self.device_id = ""
 
     @classmethod
-    def check(cls, config) -> str:
+    def check(cls, config, *, full: bool = False) -> str:
+        if full:
+            return cls.check_session(config)
         adapter = cls(config, lambda msg: False)
         url = adapter.prepare()
         return (f"credentials accepted; bot open_id={adapter.bot_open_id}; "

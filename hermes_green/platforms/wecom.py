@@ -45,6 +45,7 @@ from typing import Any, Iterator
 import gevent
 import gevent.lock
 import gevent.pool
+import websocket
 
 from ..models import Attachment, InboundMessage, OutboundMessage, attachment_placeholder
 from .base import (
@@ -106,6 +107,18 @@ class WeComAdapter(LongConnectionAdapter):
         self._background = gevent.pool.Group()  # progress frames and stream closers
 
     # -- connection --------------------------------------------------------------------------
+    @classmethod
+    def check(cls, config, *, full: bool = False) -> str:
+        """WeCom has no REST auth step: credentials are proved only by subscribing, and a new
+        subscribe takes the bot over from a running gateway (the old connection is kicked).
+        So by default only the endpoint is reached; `full` subscribes."""
+        if full:
+            return cls.check_session(config)
+        ws = websocket.create_connection(config.url, timeout=10, suppress_origin=True)
+        ws.close()
+        return ("endpoint reachable; credentials not verified (check --full subscribes, which "
+                "takes the bot over from a running gateway)")
+
     def prepare(self) -> str:
         return self.config.url
 
