@@ -181,6 +181,19 @@ class FakeFleet:
     def keepalives(self, platform: str) -> int:
         return sum(len(v) for v in self.fakes[platform].keepalive_times.values())
 
+    def session_up_at(self, platform: str, conn_id: int) -> float | None:
+        """time.monotonic() when the session on that connection was established, as the fake
+        saw it: WeCom's subscribe answer, QQ's READY/RESUMED, Feishu's first ping."""
+        fake = self.fakes[platform]
+        if platform == "wecom":
+            return fake.subscribed_at.get(conn_id)
+        if platform == "feishu":
+            times = fake.keepalive_times.get(conn_id) or []
+            return times[0] if times else None
+        return next((f.at for f in fake.frames if f.direction == "out" and f.conn_id == conn_id
+                     and isinstance(f.data, dict) and f.data.get("t") in ("READY", "RESUMED")),
+                    None)
+
     def disconnects(self, platform: str) -> list:
         return [d for d in self.fakes[platform].disconnects if d.reason not in _BENIGN]
 
