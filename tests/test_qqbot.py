@@ -597,7 +597,7 @@ def test_server_that_never_says_hello_is_left(make):
     h.fake.go_silent(0.5)
     h.greenlet = gevent.spawn(_run, h.adapter)
     ready(h, timeout=3)
-    assert h.adapter.stats.reconnects["handshake_timeout"] >= 1
+    assert h.adapter.stats.reconnects["session_timeout"] >= 1
 
 
 def test_failed_journal_write_is_replayed_by_resume(make):

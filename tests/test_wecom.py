@@ -422,6 +422,14 @@ def test_stop_is_prompt_while_the_subscribe_is_unanswered(fake, start):
     assert run.greenlet.dead and time.monotonic() - began < 0.5
 
 
+def test_unanswered_subscribe_reconnects_after_the_session_deadline(fake, start):
+    fake.go_silent(0.6)  # reads the subscribe, answers nothing
+    run = start(wait_ready=False, ack_timeout_s=0.3)
+    assert run.adapter.ready.wait(5)  # the second connection, after the silence, subscribes
+    assert run.adapter.stats.reconnects["session_timeout"] >= 1
+    assert len(fake.conns) >= 2
+
+
 def test_send_while_not_connected_is_retryable(fake):
     adapter = WeComAdapter(make_config(fake, ack_timeout_s=0.05), lambda m: True)
     with pytest.raises(SendError) as err:

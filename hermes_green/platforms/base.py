@@ -265,7 +265,12 @@ class LongConnectionAdapter(PlatformAdapter):
     """
 
     heartbeat_interval_s: float | None = None  # None: wait for the protocol to announce it
+    heartbeat_after_ready: bool = False  # WeCom: keepalives only once subscribed
     first_beat_at_once: bool = False  # Feishu pings right after connecting
+    # The session (subscribe / identify answered) must be ready this long after the socket
+    # opened: a server that accepts and then says nothing would otherwise leave us without a
+    # heartbeat, and so without zombie detection. None: no deadline.
+    session_timeout_s: float | None = 20.0
     max_unanswered_beats: int = 2  # this many beats without an answer -> zombie
     silence_timeout_s: float | None = None  # nothing at all received for this long -> zombie
 
@@ -366,6 +371,8 @@ class LongConnectionAdapter(PlatformAdapter):
     def mark_ready(self) -> None:
         self._set_state(State.READY)
         self.log.info("connected platform=%s connects=%d", self.name, self.stats.connects)
+        if self.heartbeat_after_ready and self.heartbeat_interval_s is not None:
+            self.start_heartbeat(self.heartbeat_interval_s)
 
     def start_heartbeat(self, interval_s: float) -> None:
         """Start (or re-time) the keepalive on a timetable that begins now."""
@@ -440,10 +447,17 @@ class LongConnectionAdapter(PlatformAdapter):
         self.stats.connects += 1
         reader = self._session.spawn(self._read_loop, ws)
         reader.name = f"{self.name}:reader"
-        if self.heartbeat_interval_s is not None:
+        if self.heartbeat_interval_s is not None and not self.heartbeat_after_ready:
             self.start_heartbeat(self.heartbeat_interval_s)
         self.on_open()
+        if self.session_timeout_s is not None and not self.ready.is_set():
+            self._session.spawn(self._session_deadline, self.session_timeout_s).name = \
+                f"{self.name}:session-deadline"
         return self._lost.get()
+
+    def _session_deadline(self, timeout_s: float) -> None:
+        if not self.ready.wait(timeout_s):
+            self.lose("session_timeout", f"not ready {timeout_s:g}s after connect")
 
     def _end(self, outcome: PlatformError) -> None:
         lost = self._lost

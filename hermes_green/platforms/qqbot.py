@@ -196,7 +196,7 @@ class QQBotAdapter(LongConnectionAdapter):
     def __init__(self, config, on_message, *, clock: Callable[[], float] = time.monotonic,
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S, **kw) -> None:
         super().__init__(config, on_message, **kw)
-        self.handshake_timeout_s = handshake_timeout_s
+        self.session_timeout_s = handshake_timeout_s  # Hello + READY/RESUMED, see base
         self._http = requests.Session()
         self._http.headers["X-Union-Appid"] = config.app_id
         self.token = AccessToken(self._http, config.token_url, config.app_id,
@@ -206,7 +206,6 @@ class QQBotAdapter(LongConnectionAdapter):
         self.session_id: str | None = None
         self.seq: int | None = None  # last dispatch seq handled (what op 1 and op 6 carry)
         self._hello_seen = False
-        self._established = gevent.event.Event()  # READY/RESUMED on the current connection
         self._ops: dict[int, Callable[[dict], None]] = {
             OP_DISPATCH: self._on_dispatch,
             OP_HELLO: self._on_hello,
@@ -228,7 +227,6 @@ class QQBotAdapter(LongConnectionAdapter):
         # This connection's Hello decides the interval; never start on the last one's timetable.
         self.heartbeat_interval_s = None
         self._hello_seen = False
-        self._established = gevent.event.Event()
         try:
             resp = self._api("GET", "/gateway/bot", label="gateway")
         except requests.RequestException as e:
@@ -237,16 +235,6 @@ class QQBotAdapter(LongConnectionAdapter):
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ConnectionLost("gateway_failed", f"GET /gateway/bot: HTTP {resp.status_code}")
         return url
-
-    def on_open(self) -> None:
-        watchdog = self._session.spawn(self._handshake_watchdog, self._established)
-        watchdog.name = f"{self.name}:handshake"
-
-    def _handshake_watchdog(self, established: gevent.event.Event) -> None:
-        # A server that accepts the socket but never says Hello (or never READY) would leave us
-        # with no heartbeat and so no zombie detection: give the handshake a deadline.
-        if not established.wait(self.handshake_timeout_s):
-            self.lose("handshake_timeout", f"not ready {self.handshake_timeout_s:g}s after connect")
 
     # -- frames --------------------------------------------------------------------------------
     def on_frame(self, data: str | bytes) -> None:
@@ -327,13 +315,11 @@ class QQBotAdapter(LongConnectionAdapter):
             raise ConnectionLost("bad_ready", "READY without session_id", resume=False)
         self.session_id, self.seq = session_id, None
         self.log.info("session started platform=qqbot session=%s", session_id)
-        self._established.set()
         self.mark_ready()
 
     def _on_resumed(self, d: Any) -> None:
         self.log.info("session resumed platform=qqbot session=%s seq=%s",
                       self.session_id, self.seq)
-        self._established.set()
         self.mark_ready()
 
     def _on_message_event(self, d: Any, kind: str) -> None:

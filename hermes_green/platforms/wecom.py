@@ -94,10 +94,13 @@ class _Stream:
 class WeComAdapter(LongConnectionAdapter):
     name = "wecom"
     max_unanswered_beats = 2  # the official SDK's rule
+    heartbeat_after_ready = True  # pings start once the subscribe is answered
     max_subscribe_refusals = 5  # the official SDK gives up after 5 failed auths in a row
 
     def __init__(self, config, on_message, **kw) -> None:
         super().__init__(config, on_message, **kw)
+        self.heartbeat_interval_s = config.ping_interval_s
+        self.session_timeout_s = config.ack_timeout_s  # the subscribe answer's deadline
         self._answers = Waiters()  # req_id -> answer frame, for reply and send commands
         self._subscribe_req: str | None = None  # the subscribe still waiting for its answer
         self._pings: set[str] = set()  # req_ids of pings not yet answered (this connection)
@@ -131,20 +134,12 @@ class WeComAdapter(LongConnectionAdapter):
             "secret": self.config.secret.get_secret_value(),
         }))
         self.log.info("subscribe sent platform=%s bot=%s", self.name, self.config.bot_id)
-        watchdog = self._session.spawn(self._subscribe_deadline, req_id)
-        watchdog.name = f"{self.name}:subscribe-deadline"
-
-    def _subscribe_deadline(self, req_id: str) -> None:
-        gevent.sleep(self.config.ack_timeout_s)
-        if self._subscribe_req == req_id:
-            self.lose("subscribe_timeout", f"no answer within {self.config.ack_timeout_s:g}s")
 
     def _on_subscribe_answer(self, frame: dict) -> None:
         code = _errcode(frame)
         if code == 0:
             self._refusals = 0
-            self.start_heartbeat(self.config.ping_interval_s)
-            self.mark_ready()
+            self.mark_ready()  # starts the keepalive (heartbeat_after_ready)
             return
         self._refusals += 1
         self.log.warning("subscribe refused platform=%s bot=%s errcode=%s errmsg=%s attempt=%d/%d",
@@ -163,9 +158,6 @@ class WeComAdapter(LongConnectionAdapter):
     def on_disconnect(self, lost: ConnectionLost) -> None:
         self._subscribe_req = None
         self._pings.clear()
-        # Each connection starts its keepalive only once subscribed (base restarts a known
-        # interval at connect time otherwise).
-        self.heartbeat_interval_s = None
         self._answers.fail_all(ConnectionLost(lost.reason))
 
     def stop(self) -> None:
