@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.pool
 import websocket
 
@@ -145,6 +146,39 @@ class Backoff:
         if n == 0:
             return 0.0
         return self._rng.uniform(0, min(self.max_s, self.initial_s * self.factor ** (n - 1)))
+
+
+class CachedToken:
+    """An access token and its expiry, as the platforms' REST APIs hand them out.
+
+    `get()` fetches on first use and again `renew_margin(life)` seconds before expiry; one
+    fetch runs at a time and callers arriving meanwhile reuse its result. `invalidate(refused)`
+    forgets the token after a 401 so the next `get()` fetches anew, but only while it is still
+    the refused one: several senders refused at once cause one refresh, not one each.
+    `fetch()` returns (token, lifetime in seconds) or raises the adapter's own errors.
+    """
+
+    def __init__(self, fetch: Callable[[], tuple[str, float]], *,
+                 renew_margin: Callable[[float], float],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._fetch, self._renew_margin, self._clock = fetch, renew_margin, clock
+        self._value: str | None = None
+        self._renew_at = 0.0
+        self._lock = gevent.lock.Semaphore()
+        self.fetches = 0
+
+    def get(self) -> str:
+        with self._lock:
+            if self._value is None or self._clock() >= self._renew_at:
+                self.fetches += 1
+                token, life = self._fetch()
+                self._value = token
+                self._renew_at = self._clock() + life - self._renew_margin(life)
+            return self._value
+
+    def invalidate(self, refused: str | None = None) -> None:
+        if refused is None or refused == self._value:
+            self._value = None
 
 
 class Waiters:

@@ -36,12 +36,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, urlparse
 
-import gevent.lock
 import requests
 import websocket
 
 from ..models import Attachment, InboundMessage, OutboundMessage, attachment_placeholder
-from .base import (MAX_FRAME_BYTES, ConnectionLost, FatalPlatformError, LongConnectionAdapter,
+from .base import (MAX_FRAME_BYTES, CachedToken, ConnectionLost, FatalPlatformError, LongConnectionAdapter,
                    PlatformError, SendError, State)
 
 # --- the Frame class, without importing the SDK ----------------------------------------------
@@ -165,10 +164,9 @@ class FeishuApi:
         self.timeout_s = timeout_s
         self.http = requests.Session()
         self.http.headers["User-Agent"] = "hermes-green"
-        self._clock = clock
-        self._token: str | None = None
-        self._token_expires_at = 0.0
-        self._token_lock = gevent.lock.BoundedSemaphore()
+        self._token = CachedToken(self._fetch_tenant_token, clock=clock,
+                                  renew_margin=lambda expire: min(TOKEN_REFRESH_MARGIN_S,
+                                                                  expire / 2))
 
     def call(self, method: str, path: str, *, body: dict | None = None, params: dict | None = None,
              auth: bool = True, what: str | None = None) -> dict:
@@ -206,24 +204,19 @@ class FeishuApi:
 
     # tenant token ------------------------------------------------------------------------------
     def tenant_token(self) -> str:
-        with self._token_lock:
-            if self._token is None or self._clock() >= self._token_expires_at:
-                data = self._request("POST", TOKEN_PATH,
-                                     {"app_id": self.app_id,
-                                      "app_secret": self._secret.get_secret_value()},
-                                     None, {}, "tenant_access_token")
-                token, expire = data.get("tenant_access_token"), data.get("expire")
-                if not isinstance(token, str) or not token or not isinstance(expire, (int, float)):
-                    raise ApiError("tenant_access_token", msg="malformed answer", retryable=True)
-                margin = min(TOKEN_REFRESH_MARGIN_S, expire / 2)
-                self._token, self._token_expires_at = token, self._clock() + expire - margin
-            return self._token
+        return self._token.get()
+
+    def _fetch_tenant_token(self) -> tuple[str, float]:
+        data = self._request("POST", TOKEN_PATH, {"app_id": self.app_id,
+                                                  "app_secret": self._secret.get_secret_value()},
+                             None, {}, "tenant_access_token")
+        token, expire = data.get("tenant_access_token"), data.get("expire")
+        if not isinstance(token, str) or not token or not isinstance(expire, (int, float)):
+            raise ApiError("tenant_access_token", msg="malformed answer", retryable=True)
+        return token, float(expire)
 
     def invalidate_token(self, refused: str | None = None) -> None:
-        """Forget the token; with `refused`, only if it is still that one (several senders
-        refused at once then cause one refresh, not one each)."""
-        if refused is None or self._token == refused:
-            self._token = None
+        self._token.invalidate(refused)
 
     # the calls -----------------------------------------------------------------------------
     def endpoint(self) -> dict:

@@ -29,11 +29,10 @@ from urllib.parse import quote
 
 import gevent
 import gevent.event
-import gevent.lock
 import requests
 
 from ..models import Attachment, InboundMessage, OutboundMessage, attachment_placeholder
-from .base import (CloseAction, ConnectionLost, FatalPlatformError, LongConnectionAdapter,
+from .base import (CachedToken, CloseAction, ConnectionLost, FatalPlatformError, LongConnectionAdapter,
                    SendError)
 
 OP_DISPATCH = 0
@@ -126,9 +125,10 @@ def attachment_kind(content_type: str) -> str:
     return "other"
 
 
-class AccessToken:
-    """The app access token: fetched with app id + client secret, cached with its expiry,
-    renewed early, and dropped when a call says 401 so the next `get()` fetches a new one.
+class AccessToken(CachedToken):
+    """The app access token (see CachedToken): fetched with app id + client secret, renewed
+    min(50 s, 20 % of its life) before expiry, since the platform hands out a new token only
+    in the old one's last 60 s.
 
     `get()` raises FatalPlatformError for credentials the platform refuses for good and
     ConnectionLost for anything worth retrying later. Messages never contain the secret.
@@ -136,27 +136,12 @@ class AccessToken:
 
     def __init__(self, http: requests.Session, url: str, app_id: str, secret, *,
                  clock: Callable[[], float], log) -> None:
+        super().__init__(self._fetch_once, clock=clock, renew_margin=lambda life: min(
+            TOKEN_RENEW_MARGIN_S, TOKEN_RENEW_FRACTION * life))
         self._http, self._url, self._app_id, self._secret = http, url, app_id, secret
-        self._clock, self.log = clock, log
-        self._value: str | None = None
-        self._renew_at = 0.0
-        self._lock = gevent.lock.Semaphore()  # one fetch at a time; the others reuse its result
-        self.fetches = 0
+        self.log = log
 
-    def get(self) -> str:
-        with self._lock:
-            if self._value is None or self._clock() >= self._renew_at:
-                self._fetch()
-            return self._value  # type: ignore[return-value]
-
-    def invalidate(self, value: str | None = None) -> None:
-        """Forget the token (only if it is still `value`, when given: a concurrent caller may
-        have renewed it already)."""
-        if value is None or value == self._value:
-            self._value = None
-
-    def _fetch(self) -> None:
-        self.fetches += 1
+    def _fetch_once(self) -> tuple[str, float]:
         try:
             resp = self._http.post(self._url, timeout=REST_TIMEOUT, json={
                 "appId": self._app_id, "clientSecret": self._secret.get_secret_value()})
@@ -171,12 +156,9 @@ class AccessToken:
                 raise ConnectionLost("token_bad_answer", "expires_in is not a number") from None
             if not math.isfinite(life) or life <= 0:
                 raise ConnectionLost("token_bad_answer", "expires_in is not positive")
-            now = self._clock()
-            self._value = token
-            self._renew_at = now + life - min(TOKEN_RENEW_MARGIN_S, TOKEN_RENEW_FRACTION * life)
             self.log.info("token fetched platform=qqbot expires_in_s=%.0f renew_in_s=%.0f",
-                          life, self._renew_at - now)
-            return
+                          life, life - self._renew_margin(life))
+            return token, life
         code = body.get("code")
         if _is_int(code) and code in FATAL_TOKEN_CODES:
             raise FatalPlatformError(f"token endpoint refused app {self._app_id}: "
