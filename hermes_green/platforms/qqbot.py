@@ -28,7 +28,6 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 import gevent
-import gevent.event
 import requests
 
 from ..models import Attachment, InboundMessage, OutboundMessage, attachment_placeholder
