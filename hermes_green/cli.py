@@ -72,7 +72,7 @@ def _configure_logging(config, *, level: str | None = None) -> None:
 
 def run_gateway(config) -> int:
     from .gateway import Gateway
-    from .runtime import HubWatch
+    from .runtime import HubWatch, freeze_startup_heap
     _configure_logging(config)
     hub = HubWatch(threads=config.executors.threads,
                    max_blocking_time_s=config.gateway.max_blocking_time_s)
@@ -85,6 +85,7 @@ def run_gateway(config) -> int:
         except StatusServerError as e:
             gateway.shutdown()
             return _fail(f"gateway.status: {e}")
+    freeze_startup_heap()
     return gateway.serve_forever()
 
 

@@ -23,7 +23,7 @@ import gevent
 
 from .config import Config
 from .gateway import Gateway
-from .runtime import HubWatch, percentile
+from .runtime import HubWatch, freeze_startup_heap, percentile
 
 USER_SCRIPT = [
     "hello! what can you do?",
@@ -68,6 +68,7 @@ def run_demo(seconds: float = 30.0, as_json: bool = False) -> int:
     try:
         gateway.start()
         status_url = _start_status(gateway, config)
+        freeze_startup_heap()
         while not (len(gateway.adapters) == len(fleet.platforms)
                    and all(a.ready.is_set() for a in gateway.adapters.values())):
             if time.monotonic() - started > 30:

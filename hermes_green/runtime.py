@@ -20,7 +20,8 @@ from gevent import monkey
 if not monkey.is_module_patched("socket"):
     monkey.patch_all()
 
-import collections  # noqa: E402  (everything below runs on a patched standard library)
+import collections  # noqa: E402
+import gc  # noqa: E402  (everything below runs on a patched standard library)
 import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -40,6 +41,15 @@ PROBE_INTERVAL_S = 0.05
 # CPU-bound thread in the pool keep the hub waiting several times that. 1 ms cut a 10 ms
 # ticker's p99 lateness from 152 ms to 28 ms with four such threads (shared/DESIGN.md).
 SWITCH_INTERVAL_S = 0.001
+
+
+def freeze_startup_heap() -> None:
+    """Move everything alive after start-up (modules, config, pools: hundreds of thousands of
+    objects) out of the garbage collector's reach. A full collection otherwise walks all of
+    them and held the hub for 50-70 ms under load (bench/throughput.py); what is created
+    later is collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 def percentile(values, q: float) -> float:
