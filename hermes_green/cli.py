@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
+    for handler in logging.getLogger().handlers:
+        handler.flush()  # log lines are written by a thread: let them out before the verdict
     sys.stderr.write(f"hermes-green: {message}\n")
     return EXIT_USAGE
 
