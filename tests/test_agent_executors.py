@@ -51,7 +51,9 @@ def test_hanging_process_tool_is_killed_at_its_timeout_and_the_pool_recovers(exe
     assert run(executors, sample.whoami)["pid"] != first
 
 
-def test_worker_killed_mid_tool_gives_a_tool_error_and_the_next_call_works(executors):
+def start_blocking_process_tool(executors):
+    """Start a process tool that reports its worker's pid over a socket, then blocks.
+    Returns the call's greenlet, the worker's pid and the socket (closed when it dies)."""
     listener = gevent.socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -59,13 +61,18 @@ def test_worker_killed_mid_tool_gives_a_tool_error_and_the_next_call_works(execu
     with gevent.Timeout(10):
         conn, _ = listener.accept()
         pid = int(conn.makefile().readline())
+    listener.close()
+    return call, pid, conn
+
+
+def test_worker_killed_mid_tool_gives_a_tool_error_and_the_next_call_works(executors):
+    call, pid, conn = start_blocking_process_tool(executors)
     os.kill(pid, signal.SIGKILL)
     call.join(timeout=10)
     assert isinstance(call.exception, WorkerCrashed)
     assert "killed by signal 9" in str(call.exception)
     assert run(executors, sample.whoami)["pid"] != pid
     conn.close()
-    listener.close()
 
 
 def test_worker_that_exits_gives_a_tool_error(executors):
@@ -84,18 +91,12 @@ def test_exception_in_worker_comes_back_with_its_type(executors):
 
 
 def test_interrupting_a_process_call_kills_its_worker(executors):
-    listener = gevent.socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    call = gevent.spawn(run, executors, sample.report_pid_and_block, listener.getsockname()[1])
+    call, _, conn = start_blocking_process_tool(executors)
     with gevent.Timeout(10):
-        conn, _ = listener.accept()
-        conn.makefile().readline()
         call.kill()  # what the gateway does to a turn in busy mode `interrupt`
         assert conn.recv(1) == b""  # the worker died: its socket closed
     assert executors.processes.replaced == 1
     conn.close()
-    listener.close()
 
 
 def test_waiting_on_a_process_tool_does_not_block_the_hub(executors):

@@ -26,6 +26,12 @@ def start(tmp_path, fleet, **overrides) -> Gateway:
     return Gateway(config).start()
 
 
+def all_connected(gw: Gateway) -> None:
+    wait_until(lambda: len(gw.adapters) == 3
+               and all(a.ready.is_set() for a in gw.adapters.values()), timeout=20,
+               what="three platforms connected")
+
+
 def serving(gw: Gateway, fleet: FakeFleet, platforms) -> None:
     for p in platforms:
         mid = fleet.send(p, "are you there?")
@@ -53,9 +59,7 @@ def test_bad_qq_credentials_leave_wecom_and_feishu_serving(tmp_path, fleet):
 def test_banned_bot_close_code_is_fatal_for_qq_only(tmp_path, fleet):
     gw = start(tmp_path, fleet)
     try:
-        wait_until(lambda: len(gw.adapters) == 3
-                   and all(a.ready.is_set() for a in gw.adapters.values()), timeout=20,
-                   what="three platforms connected")
+        all_connected(gw)
         fleet.fakes["qqbot"].close_with(4915, "bot banned")
         wait_until(lambda: "qqbot" in gw.fatal, timeout=20, what="qqbot reported fatal")
         serving(gw, fleet, ("wecom", "feishu"))
@@ -69,9 +73,7 @@ def test_banned_bot_close_code_is_fatal_for_qq_only(tmp_path, fleet):
 def test_another_instance_taking_the_wecom_bot_stops_wecom_only(tmp_path, fleet):
     gw = start(tmp_path, fleet)
     try:
-        wait_until(lambda: len(gw.adapters) == 3
-                   and all(a.ready.is_set() for a in gw.adapters.values()), timeout=20,
-                   what="three platforms connected")
+        all_connected(gw)
         fleet.fakes["wecom"].kick()
         wait_until(lambda: "wecom" in gw.fatal, timeout=20, what="wecom reported fatal")
         serving(gw, fleet, ("feishu", "qqbot"))

@@ -32,6 +32,7 @@ import socket  # patched by hermes_green.runtime: the parent's ends are gevent s
 import subprocess  # patched: gevent's Popen, reaped by the hub's child watcher
 import sys
 import time
+from contextlib import contextmanager
 from typing import Any, Callable, Literal
 
 import gevent
@@ -184,18 +185,13 @@ class ProcessPool:
         worker = self._take_worker()
         self._busy.add(worker)
         healthy = False
-        timer = gevent.Timeout(max(0.0, deadline - time.monotonic()))
-        timer.start()
         try:
-            reply = worker.call(target, args, kwargs)
+            with _deadline(max(0.0, deadline - time.monotonic()),
+                           f"did not finish within {timeout_s:g} s (worker killed)"):
+                reply = worker.call(target, args, kwargs)
             healthy = True
             return reply
-        except gevent.Timeout as t:
-            if t is not timer:
-                raise
-            raise ToolTimeout(f"did not finish within {timeout_s:g} s (worker killed)") from None
         finally:
-            timer.close()
             self._busy.discard(worker)
             if healthy and not self._closed:
                 self._idle.append(worker)
@@ -260,18 +256,26 @@ class Executors:
         self.processes.close()
 
 
-def _with_timeout(timeout_s: float, fn: Callable, args: tuple, kwargs: dict) -> Any:
-    # Only cooperative code can be timed out here: a CPU loop inline never yields to the timer.
+@contextmanager
+def _deadline(timeout_s: float, message: str):
+    """Raise ToolTimeout(message) when the block overruns; a Timeout that is not ours (an
+    outer turn deadline) passes through untouched."""
     timer = gevent.Timeout(timeout_s)
     timer.start()
     try:
-        return fn(*args, **kwargs)
+        yield
     except gevent.Timeout as t:
         if t is not timer:
             raise
-        raise ToolTimeout(f"did not finish within {timeout_s:g} s") from None
+        raise ToolTimeout(message) from None
     finally:
         timer.close()
+
+
+def _with_timeout(timeout_s: float, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    # Only cooperative code can be timed out here: a CPU loop inline never yields to the timer.
+    with _deadline(timeout_s, f"did not finish within {timeout_s:g} s"):
+        return fn(*args, **kwargs)
 
 
 def _in_thread(timeout_s: float, fn: Callable, args: tuple, kwargs: dict) -> Any:
