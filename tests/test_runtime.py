@@ -8,7 +8,7 @@ from gevent import pywsgi
 
 from hermes_green import metrics
 from hermes_green.runtime import HubWatch, percentile
-from tests.support import run_cli, write_config
+from tests.support import run_cli, wait_until, write_config
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +69,8 @@ def test_blocking_monitor_reports_greenlet_name_and_stack():
         g = gevent.spawn(hog_the_hub)
         g.name = "test:hog"
         g.join()
-        deadline = time.monotonic() + 5
-        while not (watch.blocked and watch.lateness) and time.monotonic() < deadline:
-            gevent.sleep(0.01)
+        wait_until(lambda: watch.blocked and watch.lateness, timeout=5,
+                   what="a blocked report and a probe wake")
         report = watch.blocked[0]
         assert report.greenlet == "test:hog"
         assert "hog_the_hub" in report.stack
