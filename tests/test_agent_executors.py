@@ -10,7 +10,7 @@ import pytest
 from hermes_green.agent import demo_tools
 from hermes_green.agent.executors import (ExecutorClosed, ExecutorError, Executors,
                                           RemoteToolError, ToolTimeout, WorkerCrashed)
-from tests import test_agent_sample_tools as sample
+from tests.fakes import sample_tools as sample
 
 _get_ident = gevent.monkey.get_original("_thread", "get_ident")
 

@@ -11,7 +11,7 @@ from hermes_green.agent.executors import Executors
 from hermes_green.agent.tools import (ToolDefinitionError, ToolRegistry, call_tool, get_spec,
                                       tool)
 from hermes_green.config import ConfigError
-from tests import test_agent_sample_tools as sample
+from tests.fakes import sample_tools as sample
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def executors():
 
 @pytest.fixture(scope="module")
 def registry():
-    return ToolRegistry.from_modules(["tests.test_agent_sample_tools",
+    return ToolRegistry.from_modules(["tests.fakes.sample_tools",
                                       "hermes_green.agent.builtin_tools"])
 
 
@@ -114,7 +114,7 @@ def test_two_tools_with_one_name_are_refused():
     @tool(name="whoami")
     def other() -> str:
         return ""
-    reg = ToolRegistry.from_modules(["tests.test_agent_sample_tools"])
+    reg = ToolRegistry.from_modules(["tests.fakes.sample_tools"])
     with pytest.raises(ToolDefinitionError, match="defined twice"):
         reg.add(other)
 

@@ -56,27 +56,26 @@ def test_bad_qq_credentials_leave_wecom_and_feishu_serving(tmp_path, fleet):
         gw.shutdown()
 
 
-def test_banned_bot_close_code_is_fatal_for_qq_only(tmp_path, fleet):
+FATAL_WHILE_CONNECTED = {
+    # a 4915 close (bot banned): QQ stops and does not reconnect
+    "qqbot_banned": ("qqbot", lambda fake: fake.close_with(4915, "bot banned")),
+    # another instance subscribed for the WeCom bot: ours does not fight for it
+    "wecom_taken_over": ("wecom", lambda fake: fake.kick()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FATAL_WHILE_CONNECTED))
+def test_fatal_while_connected_stops_that_platform_only(tmp_path, fleet, case):
+    victim, fault = FATAL_WHILE_CONNECTED[case]
+    others = [p for p in fleet.platforms if p != victim]
     gw = start(tmp_path, fleet)
     try:
         all_connected(gw)
-        fleet.fakes["qqbot"].close_with(4915, "bot banned")
-        wait_until(lambda: "qqbot" in gw.fatal, timeout=20, what="qqbot reported fatal")
-        serving(gw, fleet, ("wecom", "feishu"))
-        assert len(fleet.fakes["qqbot"].conns) == 1  # no reconnect after 4915
-        for p in ("wecom", "feishu"):
+        fault(fleet.fakes[victim])
+        wait_until(lambda: victim in gw.fatal, timeout=20, what=f"{victim} reported fatal")
+        serving(gw, fleet, others)
+        assert len(fleet.fakes[victim].conns) == 1  # no reconnect after a fatal refusal
+        for p in others:
             assert len(fleet.fakes[p].conns) == 1
-    finally:
-        gw.shutdown()
-
-
-def test_another_instance_taking_the_wecom_bot_stops_wecom_only(tmp_path, fleet):
-    gw = start(tmp_path, fleet)
-    try:
-        all_connected(gw)
-        fleet.fakes["wecom"].kick()
-        wait_until(lambda: "wecom" in gw.fatal, timeout=20, what="wecom reported fatal")
-        serving(gw, fleet, ("feishu", "qqbot"))
-        assert len(fleet.fakes["wecom"].conns) == 1  # did not fight for the bot
     finally:
         gw.shutdown()
