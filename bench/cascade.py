@@ -46,13 +46,13 @@ from _common import emit, machine, ms_summary
 
 import gevent  # noqa: E402
 
-from tests.fakes.fleet import PLATFORMS, FakeFleet, Keepalive  # noqa: E402
+from hermes_green.testing.fleet import PLATFORMS, FakeFleet, Keepalive  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("asyncio-inline", "asyncio-threads", "hermes-green")
 KEEPALIVE = Keepalive(interval_s=1.0, deadline_s=1.5)
 LLM_CHUNK_DELAY_S = 0.02
-TEXTS = [  # what the fake LLM does with each: see tests/fakes/fake_llm.py (auto mode)
+TEXTS = [  # what the fake LLM does with each: see hermes_green/testing/fake_llm.py (auto mode)
     "please compute the primes below {primes}",  # count_primes: 3e6 is ~0.35 s of pure Python
     "hash the word 'green' for me",  # hash_text: PBKDF2, releases the GIL
     "tell me about keepalives",  # plain chat: a long streamed answer (~2 s)

@@ -22,7 +22,7 @@ import gevent
 import psutil
 import yaml
 
-from tests.fakes.fleet import FakeFleet, Keepalive
+from hermes_green.testing.fleet import FakeFleet, Keepalive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "bin", "hermes-green")
@@ -112,7 +112,7 @@ def chats_and_turns(n_chats: list[int], in_flight: int) -> dict:
             gevent.sleep(2.0)
             out[f"rss_mb_after_{n}_idle_chats"] = gw.rss_mb()
         # turns in flight: the LLM now streams each answer over ~60 s
-        from tests.fakes.fake_llm import text
+        from hermes_green.testing.fake_llm import text
         fleet.llm.script(*[text("slow " * 300, chunk_chars=5, delay_s=1.0)] * in_flight)
         base = len(fleet.llm.chat_requests)
         for i in range(in_flight):

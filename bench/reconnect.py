@@ -22,7 +22,7 @@ import time
 import gevent
 
 from footprint import Gateway
-from tests.fakes.fleet import FakeFleet, Keepalive
+from hermes_green.testing.fleet import FakeFleet, Keepalive
 
 HEALTHY_S = 2.0
 FAULTS = [("wecom", "drop"), ("feishu", "drop"), ("qqbot", "drop"), ("qqbot", "close_4008"),

@@ -22,7 +22,7 @@ import gevent
 import psutil
 
 from footprint import Gateway
-from tests.fakes.fleet import FakeFleet, Keepalive
+from hermes_green.testing.fleet import FakeFleet, Keepalive
 
 CHATS = 200
 

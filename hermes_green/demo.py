@@ -8,7 +8,8 @@ Every second it prints each platform's state, how late its keepalives arrived at
 its message counts; at the end a summary (JSON with --json). Exit 0 when no message was lost
 or answered twice and no connection dropped.
 
-The fakes live in tests/fakes/ (the same servers the tests use); the demo runs from a checkout.
+The fakes live in hermes_green/testing/ (the same servers the tests use), so the demo runs
+wherever the package is installed.
 """
 from __future__ import annotations
 
@@ -44,10 +45,7 @@ def _out(text: str) -> None:
 
 
 def _load_fleet():
-    try:
-        from tests.fakes.fleet import FakeFleet, Keepalive
-    except ImportError as e:  # installed without the repository's tests/ folder
-        raise SystemExit(f"hermes-green: the demo needs the repository's tests/fakes ({e})")
+    from .testing.fleet import FakeFleet, Keepalive  # shipped in the package
     return FakeFleet, Keepalive
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from hermes_green.agent.llm import (LLMClient, LLMConnectionError, LLMError, LLMHTTPError,
                                     LLMStreamError, LLMTimeout, SSEParser)
-from tests.fakes.fake_llm import (FakeLLM, hang, http_error, malformed, stream_error, text,
+from hermes_green.testing.fake_llm import (FakeLLM, hang, http_error, malformed, stream_error, text,
                                   tool_call, tool_calls)
 
 KEY = "sk-test-0123456789abcdef"

@@ -14,7 +14,7 @@ from hermes_green.agent.llm import LLMClient
 from hermes_green.agent.loop import EMPTY_REPLY, LLMAgent, build_agent
 from hermes_green.config import AgentConfig, Config, ConfigError, ExecutorsConfig, parse_config
 from tests.fakes import sample_tools as sample
-from tests.fakes.fake_llm import FakeLLM, http_error, malformed, text, tool_call, tool_calls
+from hermes_green.testing.fake_llm import FakeLLM, http_error, malformed, text, tool_call, tool_calls
 
 KEY = "sk-loop-test-key"
 TOOLS = ["hermes_green.agent.demo_tools", "tests.fakes.sample_tools"]

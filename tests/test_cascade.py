@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.fakes.fleet import FakeFleet, Keepalive
+from hermes_green.testing.fleet import FakeFleet, Keepalive
 from tests.support import BIN, Process, write_config
 
 SECRETS = {"wecom": "wecom-SECRET-4f1a9c", "feishu": "feishu-SECRET-77b2e0",

@@ -2,7 +2,7 @@
 exit 0 when everything works, non-zero with the failing line when credentials are wrong."""
 import pytest
 
-from tests.fakes.fleet import FakeFleet
+from hermes_green.testing.fleet import FakeFleet
 from tests.support import run_cli, write_config
 
 

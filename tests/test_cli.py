@@ -1,6 +1,6 @@
 """The entry point: help lists every command; `chat` talks to the configured agent through the
 same journal -> session -> outbox path as the platforms, and keeps history across runs."""
-from tests.fakes.fake_llm import FakeLLM, text
+from hermes_green.testing.fake_llm import FakeLLM, text
 from tests.support import run_cli, write_config
 
 

@@ -5,7 +5,7 @@ import pytest
 from hermes_green.config import Config
 from hermes_green.gateway import Gateway
 from hermes_green.platforms.base import State
-from tests.fakes.fleet import FakeFleet
+from hermes_green.testing.fleet import FakeFleet
 from tests.support import wait_until
 
 

@@ -21,7 +21,7 @@ from hermes_green.models import Attachment, InboundMessage, OutboundMessage
 from hermes_green.platforms.base import FatalPlatformError, SendError, State
 from hermes_green.platforms.feishu import (METHOD_DATA, FeishuAdapter, Frame, parse_message_event,
                                            reply_uuid)
-from tests.fakes.fake_feishu import FakeFeishuServer
+from hermes_green.testing.fake_feishu import FakeFeishuServer
 
 PING_S = 0.25
 ACK_DEADLINE_S = 0.5

@@ -4,8 +4,8 @@ import pytest
 
 from hermes_green.config import Config
 from hermes_green.gateway import Gateway
-from tests.fakes.fake_llm import FakeLLM, http_error, text, tool_call
-from tests.fakes.fake_qqbot import FakeQQBotServer
+from hermes_green.testing.fake_llm import FakeLLM, http_error, text, tool_call
+from hermes_green.testing.fake_qqbot import FakeQQBotServer
 from tests.support import wait_until
 
 

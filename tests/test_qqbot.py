@@ -23,7 +23,7 @@ from hermes_green.config import BackoffConfig, QQBotConfig
 from hermes_green.models import OutboundMessage
 from hermes_green.platforms.base import FatalPlatformError, SendError, State
 from hermes_green.platforms.qqbot import QQBotAdapter, attachment_kind
-from tests.fakes.fake_qqbot import CODE_DUPLICATE, FakeQQBotServer
+from hermes_green.testing.fake_qqbot import CODE_DUPLICATE, FakeQQBotServer
 
 INTERVAL_MS = 200
 DEADLINE_S = 0.6  # 3 intervals: strict, with room for a loaded CI machine

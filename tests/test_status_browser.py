@@ -44,7 +44,7 @@ def gateway_on_fakes(tmp_path) -> FakesSetup:
     (strict WeCom, Feishu and QQ Bot fakes and the fake LLM) and a real gateway on them."""
     from hermes_green.config import Config
     from hermes_green.gateway import Gateway
-    from tests.fakes.fleet import FakeFleet
+    from hermes_green.testing.fleet import FakeFleet
     from tests.support import wait_until
 
     fleet = FakeFleet(llm_chunk_delay_s=0.001).start()

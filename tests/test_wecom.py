@@ -14,7 +14,7 @@ from hermes_green.logs import KeyValueFormatter
 from hermes_green.models import InboundMessage, OutboundMessage
 from hermes_green.platforms.base import FatalPlatformError, SendError, State
 from hermes_green.platforms.wecom import WeComAdapter, _stream_id
-from tests.fakes.fake_wecom import (
+from hermes_green.testing.fake_wecom import (
     ERR_AUTH,
     ERR_REQ_ID_INVALID,
     ERR_STREAM_FINISHED,

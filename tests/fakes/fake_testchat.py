@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 
-from .harness import Conn, FakePlatformServer
+from hermes_green.testing.harness import Conn, FakePlatformServer
 
 
 class FakeTestChat(FakePlatformServer):

@@ -51,7 +51,7 @@ import gevent.event
 import gevent.pool
 
 from hermes_green.platforms.feishu import load_frame_class
-from tests.fakes.harness import Conn, FakePlatformServer
+from hermes_green.testing.harness import Conn, FakePlatformServer
 
 Frame = load_frame_class()
 

@@ -43,7 +43,7 @@ import gevent.event
 import gevent.select
 from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
-log = logging.getLogger("tests.fakes.fake_llm")
+log = logging.getLogger("hermes_green.testing.fake_llm")
 
 # -- scripted responses ---------------------------------------------------------------------------
 

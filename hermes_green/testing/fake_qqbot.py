@@ -37,7 +37,7 @@ from typing import Any
 
 from geventwebsocket.websocket import WebSocket
 
-from tests.fakes.harness import Conn, FakePlatformServer
+from hermes_green.testing.harness import Conn, FakePlatformServer
 
 INTENT_GROUP_AND_C2C = 1 << 25
 INTENT_DIRECT_MESSAGE = 1 << 12
