@@ -42,9 +42,9 @@ def check_data_dir(config: Config) -> str:
         store.close()
 
 
-def check_platform(name: str, cfg, full: bool) -> str:
-    from .gateway import adapter_class
-    return adapter_class(name).check(cfg, full=full)
+def check_platform(platform: str, cfg, full: bool) -> str:
+    from .platforms import registry
+    return registry.adapter_class(platform).check(cfg, full=full)
 
 
 def check_llm(config: Config) -> str:
@@ -73,12 +73,13 @@ def run_check(config: Config, *, full: bool = False) -> int:
     REDACTOR.add(config_secrets(config))
     checks: list[tuple[str, Callable[[], str]]] = [
         ("runtime", check_runtime),
-        ("config", lambda: f"{len(config.platforms.enabled())} platform(s) enabled: "
-                           f"{', '.join(config.platforms.enabled()) or 'none'}"),
+        ("config", lambda: f"{len(config.platforms.bots())} bot(s) enabled: "
+                           f"{', '.join(b.label for b in config.platforms.bots()) or 'none'}"),
         ("data_dir", lambda: check_data_dir(config)),
     ]
-    for name, cfg in config.platforms.enabled().items():
-        checks.append((f"platform {name}", lambda n=name, c=cfg: check_platform(n, c, full)))
+    for bot in config.platforms.bots():
+        checks.append((f"platform {bot.label}",
+                       lambda p=bot.platform, c=bot.config: check_platform(p, c, full)))
     if config.agent is not None:
         checks.append(("llm", lambda: check_llm(config)))
         for module in config.agent.tools:

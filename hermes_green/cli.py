@@ -99,8 +99,8 @@ def run_chat(config) -> int:
     import gevent.event
     made = gevent.event.AsyncResult()
 
-    def make_console(cfg, on_message):
-        made.set(ConsoleAdapter(cfg, on_message))
+    def make_console(cfg, on_message, **kw):
+        made.set(ConsoleAdapter(cfg, on_message, **kw))
         return made.value
 
     gateway = Gateway(console_cfg, adapter_factories={"console": make_console})

@@ -11,15 +11,17 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, create_model, model_validator
+
+from .platforms import registry
+from .platforms.botconfig import BackoffConfig, BotConfig, StrictModel
 
 __all__ = [
     "ConfigError", "Config", "GatewayConfig", "StatusConfig", "AgentConfig", "ExecutorsConfig",
-    "PlatformsConfig", "PlatformConfig", "BackoffConfig", "WeComConfig", "FeishuConfig",
-    "QQBotConfig", "load_config", "parse_config",
+    "PlatformsConfig", "BotConfig", "BotSection", "BackoffConfig", "load_config", "parse_config",
 ]
 
 
@@ -28,62 +30,68 @@ class ConfigError(Exception):
     key path and what was expected and never contains a secret value. Caller: exit 2."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+_Strict = StrictModel
 
 
-class BackoffConfig(_Strict):
-    """Reconnect timing: exponential backoff with full jitter, reset after a healthy period."""
-    initial_s: float = Field(1.0, gt=0)
-    max_s: float = Field(60.0, gt=0)
-    factor: float = Field(2.0, ge=1)
-    healthy_after_s: float = Field(60.0, gt=0)
+class BotSection(NamedTuple):
+    """One enabled bot: its platform, its id (unique within the platform) and its section."""
+    platform: str
+    id: str
+    config: BotConfig
+
+    @property
+    def label(self) -> str:
+        """How logs, status cards and `check` name it: the platform alone for a single bot."""
+        return self.platform if self.id == self.platform else f"{self.platform}/{self.id}"
 
 
-class PlatformConfig(_Strict):
-    """Keys every platform takes."""
-    enabled: bool = True
-    allow_from: list[str] = Field(default_factory=list)
-    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+class _PlatformsBase(StrictModel):
+    """A platform absent from the file is off; a present one is on unless `enabled: false`. A
+    platform takes one mapping (one bot, whose id is the platform's name) or a list of them,
+    each with its own `id`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: [v] if isinstance(v, dict) else v for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _ids(self) -> "_PlatformsBase":
+        for name in type(self).model_fields:
+            bots = getattr(self, name)
+            if not bots:
+                continue
+            if len(bots) == 1 and not bots[0].id:
+                object.__setattr__(self, name, [bots[0].model_copy(update={"id": name})])
+                continue
+            seen: set[str] = set()
+            for i, bot in enumerate(bots):
+                if not bot.id:
+                    raise ValueError(f"{name}.{i}.id: each bot in a list needs an id")
+                if bot.id in seen:
+                    raise ValueError(f"{name}.{i}.id: duplicate bot id {bot.id!r}")
+                seen.add(bot.id)
+        return self
+
+    def bots(self) -> list[BotSection]:
+        """Every enabled bot, in file order within each platform."""
+        return [BotSection(name, bot.id, bot) for name in type(self).model_fields
+                for bot in (getattr(self, name) or ()) if bot.enabled]
+
+    def enabled(self) -> dict[str, BotConfig]:
+        """Enabled bots by label (the platform's name for a single bot)."""
+        return {b.label: b.config for b in self.bots()}
 
 
-class WeComConfig(PlatformConfig):
-    bot_id: str
-    secret: SecretStr
-    url: str = "wss://openws.work.weixin.qq.com"
-    ping_interval_s: float = Field(30.0, gt=0)
-    # How long to wait for the server's answer to a reply frame before the outbox retries it.
-    ack_timeout_s: float = Field(5.0, gt=0)
-    # Stream updates are throttled to about one a second; the stream is finished before the
-    # server's ~6 minute limit and the rest goes out as a proactive message.
-    stream_update_interval_s: float = Field(1.0, ge=0)
-    stream_max_s: float = Field(300.0, gt=0)
+def _platforms_model() -> type[_PlatformsBase]:
+    fields: dict[str, Any] = {name: (Optional[list[spec.config]], None)
+                              for name, spec in registry.platforms().items()}
+    return create_model("PlatformsConfig", __base__=_PlatformsBase, **fields)
 
 
-class FeishuConfig(PlatformConfig):
-    app_id: str
-    app_secret: SecretStr
-    domain: str = "https://open.feishu.cn"
-
-
-class QQBotConfig(PlatformConfig):
-    app_id: str
-    client_secret: SecretStr
-    api_base: str = "https://api.sgroup.qq.com"
-    token_url: str = "https://bots.qq.com/app/getAppAccessToken"
-    # GROUP_AND_C2C_EVENT (1<<25); add 1<<30 / 1<<12 for guild channels and guild DMs.
-    intents: int = 1 << 25
-
-
-class PlatformsConfig(_Strict):
-    """A platform absent from the file is off; present ones are on unless `enabled: false`."""
-    wecom: Optional[WeComConfig] = None
-    feishu: Optional[FeishuConfig] = None
-    qqbot: Optional[QQBotConfig] = None
-
-    def enabled(self) -> dict[str, PlatformConfig]:
-        return {name: cfg for name in type(self).model_fields
-                if (cfg := getattr(self, name)) is not None and cfg.enabled}
+PlatformsConfig = _platforms_model()
 
 
 class StatusConfig(_Strict):
@@ -164,6 +172,17 @@ def _substitute(node: Any, path: str, env: dict[str, str]) -> Any:
 
 # --- errors ---------------------------------------------------------------------------------
 
+def _first_model(ann: Any) -> type[BaseModel] | None:
+    """The model inside an annotation such as Optional[list[Model]]."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()):
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The model class that owns the key at `loc` (for "did you mean")."""
     model: Any = Config
@@ -173,18 +192,16 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return None
-        ann = field.annotation
-        for cand in getattr(ann, "__args__", ()) or (ann,):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                model = cand
-                break
-        else:
+        model = _first_model(field.annotation)
+        if model is None:
             return None
     return model if isinstance(model, type) else None
 
 
-def _describe(err: dict) -> str:
+def _describe(err: dict, single: frozenset[str] = frozenset()) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    if len(loc) > 2 and loc[0] == "platforms" and loc[1] in single and loc[2] == 0:
+        loc = loc[:2] + loc[3:]  # a platform written as one mapping: no list index to show
     path = ".".join(str(p) for p in loc) or "(top level)"
     kind = err["type"]
     if kind == "missing":
@@ -226,7 +243,10 @@ def parse_config(text: str, *, source: str = "<config>", env: dict[str, str] | N
         errors = e.errors(include_input=False, include_url=False)
         # A mistyped key also makes its intended key "missing": name the typo first.
         errors.sort(key=lambda err: err["type"] != "extra_forbidden")
-        first = _describe(errors[0])
+        platforms = raw.get("platforms")
+        single = frozenset(k for k, v in platforms.items() if isinstance(v, dict)) \
+            if isinstance(platforms, dict) else frozenset()
+        first = _describe(errors[0], single)
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ConfigError(first + more) from None
 

@@ -1,18 +1,23 @@
 """The composition root: builds the store, the agent and one supervised adapter per platform,
 and routes every message  inbound -> journal -> session -> agent -> outbox -> adapter.
 
-Ownership (every greenlet has an owner, as in locust's runners):
-    supervisor:<platform>   runs adapter.run(); restarts a crashed adapter with backoff,
-                            leaves a fatally refused one stopped; other platforms never notice
-    outbox:<platform>       sends pending replies in order per chat once the adapter is ready,
+A bot is one connection to one platform (a platform may have several bots); it is named by its
+bot key (models.bot_key: "wecom", or "qqbot/sales" when a platform lists several).
+
+Ownership (every greenlet has an owner, as in locust's runners; each is spawned through
+`spawn_owned`, so its failure is logged with its name, and the loops that must keep running are
+restarted):
+    supervisor:<bot>        runs adapter.run(); restarts a crashed adapter with backoff,
+                            leaves a fatally refused one stopped; other bots never notice
+    outbox:<bot>            sends pending replies in order per chat once the adapter is ready,
                             retrying with backoff; rows survive reconnects and restarts
+    store:checkpoint        WAL checkpoints off the hub
     session:/turn:<chat>    owned by the SessionManager
 Shutdown runs in a fixed order and a second call is a no-op: stop taking turns, let running
 turns finish (up to drain_timeout_s), flush the outbox, close connections.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
 import time
@@ -26,8 +31,10 @@ from gevent import GreenletExit
 from . import metrics
 from .agent.base import Agent, Turn, TurnFailed
 from .config import Config
-from .models import InboundMessage, OutboundMessage, attachment_placeholder
-from .platforms.base import Backoff, FatalPlatformError, PlatformAdapter, SendError, State
+from .models import InboundMessage, OutboundMessage, attachment_placeholder, split_bot_key
+from .platforms import registry
+from .platforms.base import Delivery, FatalPlatformError, PlatformAdapter, SendError, State
+from .platforms.kit import Backoff, spawn_owned
 from .replies import split_reply
 from .runtime import HubWatch
 from .sessions import SessionManager
@@ -35,31 +42,33 @@ from .store import MAX_TURN_ATTEMPTS, Store
 
 log = logging.getLogger("hermes_green.gateway")
 
-# Imported only for enabled platforms: lark-oapi alone costs seconds and ~170 MB.
-PLATFORM_MODULES = {
-    "wecom": "hermes_green.platforms.wecom",
-    "feishu": "hermes_green.platforms.feishu",
-    "qqbot": "hermes_green.platforms.qqbot",
-}
-
 ERROR_REPLY = "Sorry, something went wrong while answering. Please try again."
 INTERRUPTED_REPLY = "(Stopped: answering your newer message instead.)"
 GAVE_UP_REPLY = ("Sorry, I could not answer this message: it was interrupted "
                  f"{MAX_TURN_ATTEMPTS} times by restarts.")
 OUTBOX_SEND_CONCURRENCY = 16  # chats whose replies are sent at the same time, per platform
 OUTBOX_FLUSH_MAX_S = 10.0
+STORE_RETRY_S = 1.0  # a store error in an outbox loop: wait this long, then read again
 CHECKPOINT_INTERVAL_S = 5.0  # WAL -> database file, in the threadpool (store.checkpoint)
 
 AdapterFactory = Callable[..., PlatformAdapter]
 
 
 def adapter_class(platform: str) -> type[PlatformAdapter]:
-    module = importlib.import_module(PLATFORM_MODULES[platform])
-    for obj in vars(module).values():
-        if (isinstance(obj, type) and issubclass(obj, PlatformAdapter)
-                and getattr(obj, "name", None) == platform):
-            return obj
-    raise LookupError(f"{PLATFORM_MODULES[platform]} defines no adapter named {platform!r}")
+    return registry.adapter_class(platform)
+
+
+class BotState:
+    """A bot's SavedState (resume cursors), kept in the gateway's store."""
+
+    def __init__(self, store: Store, bot: str) -> None:
+        self._store, self._bot = store, bot
+
+    def get(self, key: str):
+        return self._store.bot_state_get(self._bot, key)
+
+    def put(self, key: str, value) -> None:
+        self._store.bot_state_put(self._bot, key, value)
 
 
 def turn_text(messages: list[InboundMessage]) -> str:
@@ -107,35 +116,33 @@ class Gateway:
             from .agent import loop  # the LLM agent and its tool modules, loaded on demand
             self._agent = loop.build_agent(self.config)
         self.agent = self._agent
-        enabled = self.config.platforms.enabled()
-        for name, cfg in enabled.items():
-            if name not in self._factories:
-                self._factories[name] = adapter_class(name)
+        enabled = {b.label: b.config for b in self.config.platforms.bots()}
+        for bot in self.config.platforms.bots():
+            if bot.label not in self._factories:
+                self._factories[bot.label] = adapter_class(bot.platform)
         if self.hub_watch is not None:
             self.hub_watch.start()
         self.started_at = time.time()
-        for name in self._factories:
-            cfg = enabled.get(name)
-            self._supervisors.append(self._spawn(self._supervise, name, cfg,
-                                                 name=f"supervisor:{name}"))
-        for name in set(self._factories) | set(self.store.outbox_platforms()):
-            self._ensure_outbox(name)
-        self._spawn(self._checkpoint_loop, name="store:checkpoint")
+        for key in self._factories:
+            cfg = enabled.get(key)
+            self._supervisors.append(self._spawn(self._supervise, key, cfg,
+                                                 name=f"supervisor:{key}"))
+        for key in set(self._factories) | set(self.store.outbox_bots()):
+            self._ensure_outbox(key)
+        self._spawn(self._checkpoint_loop, name="store:checkpoint", restart=True)
         self._recover()
         metrics.outbox_pending.set(self.store.outbox_pending())
         log.info("gateway started platforms=%s busy_mode=%s", ",".join(self._factories) or "none",
                  self.config.gateway.busy_mode)
         return self
 
-    def _spawn(self, fn, *args, name: str) -> gevent.Greenlet:
-        g = self._group.spawn(fn, *args)
-        g.name = name
-        return g
+    def _spawn(self, fn, *args, name: str, restart: bool = False) -> gevent.Greenlet:
+        return spawn_owned(self._group, fn, *args, name=name, log=log, restart=restart)
 
-    def _ensure_outbox(self, platform: str) -> None:
-        if platform not in self._outbox_wake:
-            self._outbox_wake[platform] = gevent.event.Event()
-            self._spawn(self._outbox_loop, platform, name=f"outbox:{platform}")
+    def _ensure_outbox(self, bot: str) -> None:
+        if bot not in self._outbox_wake:
+            self._outbox_wake[bot] = gevent.event.Event()
+            self._spawn(self._outbox_loop, bot, name=f"outbox:{bot}", restart=True)
 
     def _recover(self) -> None:
         pending = self.store.pending_inbound()
@@ -144,10 +151,10 @@ class Gateway:
         for p in pending:
             msg = p.message
             if p.attempts >= MAX_TURN_ATTEMPTS:
-                log.error("giving up platform=%s chat=%s msg=%s attempts=%d", msg.platform,
-                          msg.chat_id, msg.message_id, p.attempts)
-                self._finish(msg.platform, msg.chat_id, [msg], GAVE_UP_REPLY, state="failed",
-                             user_text=None, answer_text=None)
+                log.error("giving up platform=%s bot=%s chat=%s msg=%s attempts=%d",
+                          msg.platform, msg.bot, msg.chat_id, msg.message_id, p.attempts)
+                self._finish([msg], GAVE_UP_REPLY, state="failed", user_text=None,
+                             answer_text=None)
             else:
                 self.sessions.submit(msg)
 
@@ -165,7 +172,8 @@ class Gateway:
         if cfg is not None and hasattr(cfg, "backoff"):
             backoff = Backoff.from_config(cfg.backoff)
         while not self._stopping:
-            adapter = self._factories[name](cfg, self.on_inbound)
+            adapter = self._factories[name](cfg, self.on_inbound,
+                                            saved_state=BotState(self.store, name))
             self.adapters[name] = adapter
             started = time.monotonic()
             try:
@@ -185,34 +193,36 @@ class Gateway:
             except Exception as e:
                 adapter.stats.last_error = f"crash: {type(e).__name__}"
                 log.exception("adapter crashed platform=%s", name)
-            metrics.reconnects_total.labels(name, "crash").inc()
+            metrics.reconnects_total.labels(*split_bot_key(name), "crash").inc()
             backoff.connected_for(time.monotonic() - started)
             delay = max(backoff.next_delay(), 0.05)
             log.warning("restarting adapter platform=%s delay_s=%.2f", name, delay)
             gevent.sleep(delay)
 
     # -- inbound -----------------------------------------------------------------------------
-    def on_inbound(self, msg: InboundMessage) -> bool:
-        """Called by an adapter's read loop, synchronously, before it acknowledges the frame."""
+    def on_inbound(self, msg: InboundMessage) -> Delivery:
+        """Called by an adapter's read loop, synchronously, before it acknowledges the frame.
+        A store error propagates: the adapter kit applies its platform's journal-failure rule."""
         if not self.store.journal_inbound(msg):
-            metrics.duplicates_total.labels(msg.platform).inc()
-            log.info("duplicate skipped platform=%s chat=%s msg=%s", msg.platform, msg.chat_id,
-                     msg.message_id)
-            return False
-        metrics.messages_total.labels(msg.platform, "in").inc()
-        log.info("inbound platform=%s chat=%s msg=%s chars=%d", msg.platform, msg.chat_id,
-                 msg.message_id, len(msg.text))
+            metrics.duplicates_total.labels(msg.platform, msg.bot or msg.platform).inc()
+            log.info("duplicate skipped platform=%s bot=%s chat=%s msg=%s", msg.platform,
+                     msg.bot, msg.chat_id, msg.message_id)
+            return Delivery.DUPLICATE
+        metrics.messages_total.labels(msg.platform, msg.bot or msg.platform, "in").inc()
+        log.info("inbound platform=%s bot=%s chat=%s msg=%s chars=%d", msg.platform, msg.bot,
+                 msg.chat_id, msg.message_id, len(msg.text))
         if self.sessions.accepting:
             self.sessions.submit(msg)
-        return True
+        return Delivery.NEW
 
     # -- turns -------------------------------------------------------------------------------
     def _run_turn(self, batch: list[InboundMessage]) -> None:
-        platform, chat_id = batch[0].chat_key
-        self.store.mark_processing(platform, [m.message_id for m in batch])
+        bot, chat_id = batch[0].chat_key
+        platform = batch[0].platform
+        self.store.mark_processing(bot, [m.message_id for m in batch])
         text = turn_text(batch)
         max_history = self.config.agent.max_history if self.config.agent else 40
-        adapter = self.adapters.get(platform)
+        adapter = self.adapters.get(bot)
         last = batch[-1]
 
         def on_progress(text_so_far: str) -> None:
@@ -222,8 +232,8 @@ class Gateway:
                 except Exception as e:  # progress is best effort; the final reply is durable
                     log.debug("progress failed platform=%s error=%s", platform, type(e).__name__)
 
-        turn = Turn(chat_key=(platform, chat_id), text=text,
-                    history=self.store.history(platform, chat_id, max_history),
+        turn = Turn(chat_key=(bot, chat_id), text=text,
+                    history=self.store.history(bot, chat_id, max_history),
                     on_progress=on_progress)
         started = time.monotonic()
         metrics.turns_in_flight.inc()
@@ -243,69 +253,78 @@ class Gateway:
             metrics.turn_seconds.observe(time.monotonic() - started)
         # A failed turn leaves no trace in history: the model never reads its error back.
         ok = state == "answered"
-        self._finish(platform, chat_id, batch, answer, state=state,
-                     user_text=text if ok else None, answer_text=answer if ok else None)
+        self._finish(batch, answer, state=state, user_text=text if ok else None,
+                     answer_text=answer if ok else None)
 
     def _on_interrupted(self, batch: list[InboundMessage]) -> None:
-        platform, chat_id = batch[0].chat_key
-        log.info("turn interrupted platform=%s chat=%s msgs=%d", platform, chat_id, len(batch))
-        self._finish(platform, chat_id, batch, INTERRUPTED_REPLY, state="answered",
-                     user_text=turn_text(batch), answer_text=None)
+        bot, chat_id = batch[0].chat_key
+        log.info("turn interrupted bot=%s chat=%s msgs=%d", bot, chat_id, len(batch))
+        self._finish(batch, INTERRUPTED_REPLY, state="answered", user_text=turn_text(batch),
+                     answer_text=None)
 
-    def _finish(self, platform: str, chat_id: str, batch: list[InboundMessage], answer: str, *,
-                state: str, user_text: str | None, answer_text: str | None) -> None:
-        adapter = self.adapters.get(platform)
+    def _finish(self, batch: list[InboundMessage], answer: str, *, state: str,
+                user_text: str | None, answer_text: str | None) -> None:
+        bot, chat_id = batch[0].chat_key
+        adapter = self.adapters.get(bot)
         chunk = adapter.reply_chunk_chars() if adapter else 2000
         max_parts = adapter.max_reply_parts() if adapter else 5
         last = batch[-1]
-        parts = [OutboundMessage(platform=platform, chat_id=chat_id, text=piece,
-                                 in_reply_to=last.message_id, reply_ref=last.reply_ref, seq=i)
+        parts = [OutboundMessage(platform=last.platform, bot=last.bot, chat_id=chat_id,
+                                 text=piece, in_reply_to=last.message_id,
+                                 reply_ref=last.reply_ref, seq=i)
                  for i, piece in enumerate(split_reply(answer, chunk, max_parts))]
-        self.store.finish_turn(platform, chat_id, [m.message_id for m in batch], parts,
+        self.store.finish_turn(bot, chat_id, [m.message_id for m in batch], parts,
                                user_text=user_text, answer_text=answer_text, state=state)
         metrics.outbox_pending.set(self.store.outbox_pending())
-        self._ensure_outbox(platform)
-        self._outbox_wake[platform].set()
+        self._ensure_outbox(bot)
+        self._outbox_wake[bot].set()
 
     # -- outbox ------------------------------------------------------------------------------
-    def _outbox_loop(self, platform: str) -> None:
+    def _outbox_loop(self, bot: str) -> None:
         """Hand due rows to one sender greenlet per chat (order within a chat is kept; chats
-        do not wait for each other), then sleep until woken or the next retry is due."""
-        wake = self._outbox_wake[platform]
+        do not wait for each other), then sleep until woken or the next retry is due. A store
+        error is logged and the loop reads again shortly: it never ends this bot's replies."""
+        wake = self._outbox_wake[bot]
         senders = gevent.pool.Pool(OUTBOX_SEND_CONCURRENCY)
         chat_senders: dict[str, gevent.Greenlet] = {}
         while True:
-            adapter = self.adapters.get(platform)
+            adapter = self.adapters.get(bot)
             if adapter is None or not adapter.ready.is_set():
                 wake.clear()
                 (adapter.ready if adapter is not None else wake).wait(1.0)
                 continue
             wake.clear()
+            try:
+                due = self.store.outbox_due(bot)
+                next_due = self.store.outbox_next_due_at(bot)
+            except Exception as e:
+                log.error("outbox read failed bot=%s error=%s: %s retry_s=%.1f", bot,
+                          type(e).__name__, str(e)[:200], STORE_RETRY_S)
+                wake.wait(STORE_RETRY_S)
+                continue
             by_chat: dict[str, list[OutboundMessage]] = {}
-            for out in self.store.outbox_due(platform):
+            for out in due:
                 by_chat.setdefault(out.chat_id, []).append(out)
             for chat_id, rows in by_chat.items():
                 running = chat_senders.get(chat_id)
                 if running is not None and not running.dead:
                     continue  # its sender wakes us when done; then the rest goes in order
-                g = senders.spawn(self._send_rows, adapter, rows)
-                g.name = f"outbox:{platform}:{chat_id}"
-                chat_senders[chat_id] = g
+                chat_senders[chat_id] = spawn_owned(senders, self._send_rows, bot, adapter, rows,
+                                                    name=f"outbox:{bot}:{chat_id}", log=log)
             for chat_id in [c for c, g in chat_senders.items() if g.dead]:
                 del chat_senders[chat_id]
-            next_due = self.store.outbox_next_due_at(platform)
             if next_due is None or chat_senders:
                 wake.wait(1.0)
             else:
                 wake.wait(min(1.0, max(0.01, next_due - time.time())))
 
-    def _send_rows(self, adapter: PlatformAdapter, rows: list[OutboundMessage]) -> None:
+    def _send_rows(self, bot: str, adapter: PlatformAdapter, rows: list[OutboundMessage]) -> None:
         try:
             for out in rows:
                 if not self._send_one(adapter, out):
                     break  # keep this chat's order: later parts wait for the failed one
         finally:
-            self._outbox_wake[rows[0].platform].set()
+            self._outbox_wake[bot].set()
 
     def _send_one(self, adapter: PlatformAdapter, out: OutboundMessage) -> bool:
         try:
@@ -320,8 +339,10 @@ class Gateway:
                             out.attempts + 1, delay, e)
                 return False
             self.store.outbox_dead(out.outbox_id, str(e))
-            log.error("reply refused platform=%s chat=%s outbox=%d error=%s", out.platform,
-                      out.chat_id, out.outbox_id, e)
+            adapter.stats.undeliverable += 1
+            metrics.undeliverable_total.labels(out.platform, out.bot or out.platform).inc()
+            log.error("reply undeliverable platform=%s bot=%s chat=%s outbox=%d error=%s",
+                      out.platform, out.bot, out.chat_id, out.outbox_id, e)
         except GreenletExit:
             raise
         except Exception as e:
@@ -331,9 +352,9 @@ class Gateway:
         else:
             self.store.outbox_done(out.outbox_id)
             adapter.stats.messages_out += 1
-            metrics.messages_total.labels(out.platform, "out").inc()
-            log.info("reply sent platform=%s chat=%s outbox=%d part=%d", out.platform,
-                     out.chat_id, out.outbox_id, out.seq)
+            metrics.messages_total.labels(out.platform, out.bot or out.platform, "out").inc()
+            log.info("reply sent platform=%s bot=%s chat=%s outbox=%d part=%d", out.platform,
+                     out.bot, out.chat_id, out.outbox_id, out.seq)
         metrics.outbox_pending.set(self.store.outbox_pending())
         return True
 

@@ -16,6 +16,18 @@ ChatType = Literal["dm", "group"]
 AttachmentKind = Literal["image", "file", "voice", "video", "other"]
 
 
+def bot_key(platform: str, bot: str = "") -> str:
+    """The one string that names a bot in store keys and routing: the platform alone for its
+    default bot (so a single-bot file from before multi-bot support keeps its keys), else
+    "platform/id"."""
+    return platform if not bot or bot == platform else f"{platform}/{bot}"
+
+
+def split_bot_key(key: str) -> tuple[str, str]:
+    platform, _, bot = key.partition("/")
+    return platform, bot or platform
+
+
 @dataclass(frozen=True)
 class Attachment:
     """A non-text part of an inbound message: never downloaded by the gateway, only described."""
@@ -35,10 +47,16 @@ class InboundMessage:
     attachments: tuple[Attachment, ...] = ()
     reply_ref: dict[str, Any] = field(default_factory=dict)
     received_at: float = field(default_factory=time.time)
+    bot: str = ""  # which bot of the platform received it (set by the adapter kit)
+
+    @property
+    def bot_key(self) -> str:
+        return bot_key(self.platform, self.bot)
 
     @property
     def chat_key(self) -> tuple[str, str]:
-        return (self.platform, self.chat_id)
+        """One conversation: this bot's chat (two bots in one group are two conversations)."""
+        return (self.bot_key, self.chat_id)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
@@ -66,6 +84,11 @@ class OutboundMessage:
     seq: int = 0
     outbox_id: int | None = None
     attempts: int = 0
+    bot: str = ""
+
+    @property
+    def bot_key(self) -> str:
+        return bot_key(self.platform, self.bot)
 
 
 def attachment_placeholder(attachments: tuple[Attachment, ...] | list[Attachment]) -> str:

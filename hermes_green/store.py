@@ -29,37 +29,51 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .models import InboundMessage, OutboundMessage
+from .models import InboundMessage, OutboundMessage, split_bot_key
 
 log = logging.getLogger("hermes_green.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # A message whose turn was started this many times without finishing (the process died each
 # time) is answered with an apology instead of being retried forever.
 MAX_TURN_ATTEMPTS = 3
 
+# Every row is keyed by its bot ("platform" for a platform's single bot, "platform/id" for one of
+# several: models.bot_key), so two bots on one platform never share a journal entry, an outbox
+# row or a conversation.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS inbound (
-    platform TEXT NOT NULL, message_id TEXT NOT NULL, chat_id TEXT NOT NULL,
+    bot TEXT NOT NULL, message_id TEXT NOT NULL, chat_id TEXT NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('received', 'processing', 'answered', 'failed')),
     attempts INTEGER NOT NULL DEFAULT 0, payload TEXT NOT NULL,
     received_at REAL NOT NULL, updated_at REAL NOT NULL,
-    PRIMARY KEY (platform, message_id));
+    PRIMARY KEY (bot, message_id));
 CREATE INDEX IF NOT EXISTS inbound_open ON inbound (state) WHERE state IN ('received', 'processing');
 CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, platform TEXT NOT NULL, chat_id TEXT NOT NULL,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, bot TEXT NOT NULL, chat_id TEXT NOT NULL,
     in_reply_to TEXT, seq INTEGER NOT NULL DEFAULT 0, reply_ref TEXT NOT NULL, text TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'dead')),
     attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, last_error TEXT,
     created_at REAL NOT NULL);
-CREATE UNIQUE INDEX IF NOT EXISTS outbox_part ON outbox (platform, in_reply_to, seq)
+CREATE UNIQUE INDEX IF NOT EXISTS outbox_part ON outbox (bot, in_reply_to, seq)
     WHERE in_reply_to IS NOT NULL;
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (platform, state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (bot, state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS history (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, platform TEXT NOT NULL, chat_id TEXT NOT NULL,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, bot TEXT NOT NULL, chat_id TEXT NOT NULL,
     role TEXT NOT NULL, content TEXT NOT NULL, at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS history_chat ON history (platform, chat_id, id);
+CREATE INDEX IF NOT EXISTS history_chat ON history (bot, chat_id, id);
+CREATE TABLE IF NOT EXISTS bot_state (
+    bot TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (bot, key));
+"""
+
+# v1 -> v2: rows were keyed by platform, which is exactly the bot key of a platform's single
+# bot, so renaming the column keeps every row meaning what it meant (indexes follow the rename).
+_MIGRATE_V1 = """
+ALTER TABLE inbound RENAME COLUMN platform TO bot;
+ALTER TABLE outbox RENAME COLUMN platform TO bot;
+ALTER TABLE history RENAME COLUMN platform TO bot;
 """
 
 
@@ -102,18 +116,35 @@ class Store:
             ok = db.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
                 raise sqlite3.DatabaseError(ok)
-            db.executescript(_SCHEMA)
-            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: written by a newer hermes-green "
-                                 f"(schema {row[0]}); upgrade or point data_dir elsewhere")
+            self._migrate(db)
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path}: not a usable SQLite database ({e}); move it aside "
                              f"to start fresh") from None
         self._db = db
         return self
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Create the schema, or bring an older file up to this version in one transaction."""
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        version = int(row[0]) if row is not None else None
+        if version is not None and version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: written by a newer hermes-green "
+                             f"(schema {version}); upgrade or point data_dir elsewhere")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if version == 1:
+                for statement in filter(str.strip, _MIGRATE_V1.split(";")):
+                    db.execute(statement)
+                log.info("store migrated path=%s from_schema=1 to_schema=%d", self.path,
+                         SCHEMA_VERSION)
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         if self._db is not None:
@@ -146,25 +177,25 @@ class Store:
 
     # -- inbound journal ---------------------------------------------------------------------
     def journal_inbound(self, msg: InboundMessage) -> bool:
-        """Record a message; False when (platform, message_id) was seen before (redelivery)."""
+        """Record a message; False when (bot, message_id) was seen before (redelivery)."""
         now = self._clock()
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO inbound (platform, message_id, chat_id, state, payload,"
+            "INSERT OR IGNORE INTO inbound (bot, message_id, chat_id, state, payload,"
             " received_at, updated_at) VALUES (?, ?, ?, 'received', ?, ?, ?)",
-            (msg.platform, msg.message_id, msg.chat_id, msg.to_json(), now, now))
+            (msg.bot_key, msg.message_id, msg.chat_id, msg.to_json(), now, now))
         return cur.rowcount == 1
 
-    def mark_processing(self, platform: str, message_ids: Iterable[str]) -> None:
+    def mark_processing(self, bot: str, message_ids: Iterable[str]) -> None:
         now = self._clock()
         with self._tx():
             self.db.executemany(
                 "UPDATE inbound SET state='processing', attempts=attempts+1, updated_at=?"
-                " WHERE platform=? AND message_id=? AND state IN ('received', 'processing')",
-                [(now, platform, mid) for mid in message_ids])
+                " WHERE bot=? AND message_id=? AND state IN ('received', 'processing')",
+                [(now, bot, mid) for mid in message_ids])
 
-    def inbound_state(self, platform: str, message_id: str) -> str | None:
-        row = self.db.execute("SELECT state FROM inbound WHERE platform=? AND message_id=?",
-                              (platform, message_id)).fetchone()
+    def inbound_state(self, bot: str, message_id: str) -> str | None:
+        row = self.db.execute("SELECT state FROM inbound WHERE bot=? AND message_id=?",
+                              (bot, message_id)).fetchone()
         return row[0] if row else None
 
     def pending_inbound(self) -> list[PendingInbound]:
@@ -176,7 +207,7 @@ class Store:
         return [PendingInbound(InboundMessage.from_json(p), s, a) for p, s, a in rows]
 
     # -- the end of a turn -------------------------------------------------------------------
-    def finish_turn(self, platform: str, chat_id: str, message_ids: list[str],
+    def finish_turn(self, bot: str, chat_id: str, message_ids: list[str],
                     parts: list[OutboundMessage], *, user_text: str | None,
                     answer_text: str | None, state: str = "answered") -> list[int]:
         """In one transaction: queue the reply parts, close the inbound rows, save history.
@@ -186,35 +217,36 @@ class Store:
         with self._tx():
             for part in parts:
                 cur = self.db.execute(
-                    "INSERT OR IGNORE INTO outbox (platform, chat_id, in_reply_to, seq,"
+                    "INSERT OR IGNORE INTO outbox (bot, chat_id, in_reply_to, seq,"
                     " reply_ref, text, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
-                    (part.platform, part.chat_id, part.in_reply_to, part.seq,
+                    (part.bot_key, part.chat_id, part.in_reply_to, part.seq,
                      json.dumps(part.reply_ref), part.text, now, now))
                 if cur.rowcount == 1:
                     part.outbox_id = cur.lastrowid
                     ids.append(cur.lastrowid)
             self.db.executemany(
-                "UPDATE inbound SET state=?, updated_at=? WHERE platform=? AND message_id=?",
-                [(state, now, platform, mid) for mid in message_ids])
+                "UPDATE inbound SET state=?, updated_at=? WHERE bot=? AND message_id=?",
+                [(state, now, bot, mid) for mid in message_ids])
             if user_text is not None:
-                self._history_add(platform, chat_id, "user", user_text, now)
+                self._history_add(bot, chat_id, "user", user_text, now)
             if answer_text is not None:
-                self._history_add(platform, chat_id, "assistant", answer_text, now)
+                self._history_add(bot, chat_id, "assistant", answer_text, now)
         return ids
 
     # -- outbox ------------------------------------------------------------------------------
-    def outbox_due(self, platform: str, *, limit: int = 50) -> list[OutboundMessage]:
+    def outbox_due(self, bot: str, *, limit: int = 50) -> list[OutboundMessage]:
         rows = self.db.execute(
             "SELECT id, chat_id, in_reply_to, seq, reply_ref, text, attempts FROM outbox"
-            " WHERE platform=? AND state='pending' AND next_attempt_at<=?"
-            " ORDER BY id LIMIT ?", (platform, self._clock(), limit)).fetchall()
-        return [OutboundMessage(platform=platform, chat_id=c, text=t, in_reply_to=r, seq=s,
-                                reply_ref=json.loads(ref), outbox_id=i, attempts=a)
+            " WHERE bot=? AND state='pending' AND next_attempt_at<=?"
+            " ORDER BY id LIMIT ?", (bot, self._clock(), limit)).fetchall()
+        platform, bot_id = split_bot_key(bot)
+        return [OutboundMessage(platform=platform, bot=bot_id, chat_id=c, text=t, in_reply_to=r,
+                                seq=s, reply_ref=json.loads(ref), outbox_id=i, attempts=a)
                 for i, c, r, s, ref, t, a in rows]
 
-    def outbox_next_due_at(self, platform: str) -> float | None:
-        row = self.db.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE platform=?"
-                              " AND state='pending'", (platform,)).fetchone()
+    def outbox_next_due_at(self, bot: str) -> float | None:
+        row = self.db.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE bot=?"
+                              " AND state='pending'", (bot,)).fetchone()
         return row[0]
 
     def outbox_done(self, outbox_id: int) -> None:
@@ -229,36 +261,56 @@ class Store:
         self.db.execute("UPDATE outbox SET state='dead', attempts=attempts+1, last_error=?"
                         " WHERE id=?", (error[:300], outbox_id))
 
-    def outbox_pending(self, platform: str | None = None) -> int:
-        if platform is None:
+    def outbox_pending(self, bot: str | None = None) -> int:
+        if bot is None:
             row = self.db.execute("SELECT COUNT(*) FROM outbox WHERE state='pending'").fetchone()
         else:
             row = self.db.execute("SELECT COUNT(*) FROM outbox WHERE state='pending'"
-                                  " AND platform=?", (platform,)).fetchone()
+                                  " AND bot=?", (bot,)).fetchone()
         return row[0]
 
-    def outbox_platforms(self) -> list[str]:
+    def outbox_dead_count(self, bot: str | None = None) -> int:
+        """Replies given up as undeliverable (kept for inspection)."""
+        if bot is None:
+            row = self.db.execute("SELECT COUNT(*) FROM outbox WHERE state='dead'").fetchone()
+        else:
+            row = self.db.execute("SELECT COUNT(*) FROM outbox WHERE state='dead' AND bot=?",
+                                  (bot,)).fetchone()
+        return row[0]
+
+    def outbox_bots(self) -> list[str]:
+        """Bots with replies still to send (a bot removed from the config keeps its rows)."""
         return [r[0] for r in self.db.execute(
-            "SELECT DISTINCT platform FROM outbox WHERE state='pending'")]
+            "SELECT DISTINCT bot FROM outbox WHERE state='pending'")]
+
+    # -- a bot's saved state (resume cursors) ------------------------------------------------
+    def bot_state_get(self, bot: str, key: str):
+        row = self.db.execute("SELECT value FROM bot_state WHERE bot=? AND key=?",
+                              (bot, key)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def bot_state_put(self, bot: str, key: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO bot_state VALUES (?, ?, ?, ?)",
+                        (bot, key, json.dumps(value), self._clock()))
 
     # -- history -----------------------------------------------------------------------------
-    def history(self, platform: str, chat_id: str, limit: int) -> list[dict]:
+    def history(self, bot: str, chat_id: str, limit: int) -> list[dict]:
         if limit <= 0:
             return []
         rows = self.db.execute(
-            "SELECT role, content FROM history WHERE platform=? AND chat_id=?"
-            " ORDER BY id DESC LIMIT ?", (platform, chat_id, limit)).fetchall()
+            "SELECT role, content FROM history WHERE bot=? AND chat_id=?"
+            " ORDER BY id DESC LIMIT ?", (bot, chat_id, limit)).fetchall()
         return [{"role": r, "content": c} for r, c in reversed(rows)]
 
-    def _history_add(self, platform: str, chat_id: str, role: str, content: str,
+    def _history_add(self, bot: str, chat_id: str, role: str, content: str,
                      now: float) -> None:
-        self.db.execute("INSERT INTO history (platform, chat_id, role, content, at)"
-                        " VALUES (?,?,?,?,?)", (platform, chat_id, role, content, now))
+        self.db.execute("INSERT INTO history (bot, chat_id, role, content, at)"
+                        " VALUES (?,?,?,?,?)", (bot, chat_id, role, content, now))
         # Bound each chat to its newest `history_limit` rows (a NULL bound deletes nothing).
         self.db.execute(
-            "DELETE FROM history WHERE platform=?1 AND chat_id=?2 AND id < (SELECT id FROM"
-            " history WHERE platform=?1 AND chat_id=?2 ORDER BY id DESC LIMIT 1 OFFSET ?3)",
-            (platform, chat_id, self.history_limit - 1))
+            "DELETE FROM history WHERE bot=?1 AND chat_id=?2 AND id < (SELECT id FROM"
+            " history WHERE bot=?1 AND chat_id=?2 ORDER BY id DESC LIMIT 1 OFFSET ?3)",
+            (bot, chat_id, self.history_limit - 1))
 
     # -- plumbing ----------------------------------------------------------------------------
     class _Tx:

@@ -130,8 +130,8 @@ def start_inprocess_gateway(tmp_path, fake, agent, *, busy_mode="queue", extra_f
     from tests.fakes.testchat_adapter import TestChatAdapter, testchat_config
 
     config = Config.model_validate(base_config(tmp_path / "data", busy_mode=busy_mode))
-    factories = {"testchat": lambda cfg, on_message: TestChatAdapter(testchat_config(fake.ws_url),
-                                                                      on_message)}
+    factories = {"testchat": lambda cfg, on_message, **kw: TestChatAdapter(
+        testchat_config(fake.ws_url), on_message, **kw)}
     factories.update(extra_factories or {})
     gw = Gateway(config, agent=agent, adapter_factories=factories).start()
     wait_until(lambda: "testchat" in gw.adapters and gw.adapters["testchat"].ready.is_set(),

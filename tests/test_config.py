@@ -18,7 +18,7 @@ def test_minimal_config_and_defaults():
     cfg = parse_config("platforms:\n  qqbot: {app_id: '1', client_secret: x}\n", env={})
     assert cfg.gateway.busy_mode == "queue"
     assert list(cfg.platforms.enabled()) == ["qqbot"]
-    assert cfg.platforms.qqbot.token_url == "https://bots.qq.com/app/getAppAccessToken"
+    assert cfg.platforms.qqbot[0].token_url == "https://bots.qq.com/app/getAppAccessToken"
     assert cfg.agent is None  # no agent section: the echo agent answers
 
 

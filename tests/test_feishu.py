@@ -16,7 +16,9 @@ import requests
 import websocket
 from pydantic import SecretStr
 
-from hermes_green.config import BackoffConfig, FeishuConfig
+from hermes_green.gateway import turn_text
+from hermes_green.config import BackoffConfig
+from hermes_green.platforms.feishu import FeishuConfig
 from hermes_green.models import Attachment, InboundMessage, OutboundMessage
 from hermes_green.platforms.base import FatalPlatformError, SendError, State
 from hermes_green.platforms.feishu import (METHOD_DATA, FeishuAdapter, Frame, parse_message_event,
@@ -363,7 +365,7 @@ def test_non_text_messages_become_attachments_with_a_placeholder(fake, start, me
     fake.wait_for(lambda: run.gw.inbox, timeout=3)
     [att] = run.gw.inbox[0].attachments
     assert att.kind == kind and att.name == name and att.ref
-    assert run.gw.inbox[0].text == f"[{kind}{': ' + name if name else ''}]"
+    assert turn_text(run.gw.inbox) == f"[{kind}{': ' + name if name else ''}]"
     fake.wait_for(lambda: fake.ack_times.get(om), timeout=3)
 
 
@@ -376,7 +378,7 @@ def test_rich_text_keeps_its_text_and_images(fake, start):
     fake.wait_for(lambda: run.gw.inbox, timeout=3)
     msg = run.gw.inbox[0]
     assert msg.attachments == (Attachment("image", "img_1"),)
-    assert msg.text == "Plan see link [image]"
+    assert msg.text == "Plan see link" and turn_text([msg]) == "Plan see link [image]"
 
 
 def test_allow_from_refuses_others_but_still_acks(fake, start):

@@ -19,7 +19,9 @@ import requests
 import websocket
 from pydantic import SecretStr
 
-from hermes_green.config import BackoffConfig, QQBotConfig
+from hermes_green.gateway import turn_text
+from hermes_green.config import BackoffConfig
+from hermes_green.platforms.qqbot import QQBotConfig
 from hermes_green.models import OutboundMessage
 from hermes_green.platforms.base import FatalPlatformError, SendError, State
 from hermes_green.platforms.qqbot import QQBotAdapter, attachment_kind
@@ -334,8 +336,8 @@ def test_attachments_become_typed_placeholders(make):
     mixed, doc = delivered(h, mixed_id), delivered(h, file_id)
     assert [(a.kind, a.ref, a.name) for a in mixed.attachments] == [
         ("image", image["url"], "cat.png"), ("voice", voice["url"], None)]
-    assert mixed.text == "look [image: cat.png] [voice]"
-    assert doc.attachments[0].kind == "file" and doc.text == "[file: report.pdf]"
+    assert mixed.text == "look" and turn_text([mixed]) == "look [image: cat.png] [voice]"
+    assert doc.attachments[0].kind == "file" and turn_text([doc]) == "[file: report.pdf]"
     assert attachment_kind("video/mp4") == "video" and attachment_kind("") == "other"
 
 
@@ -610,7 +612,7 @@ def test_failed_journal_write_is_replayed_by_resume(make):
     _, first_op, _ = established_after(h, conn)
     assert first_op == 6
     delivered(h, msg_id)
-    assert h.adapter.stats.reconnects["deliver_failed"] == 1
+    assert h.adapter.stats.reconnects["journal_failed"] == 1
 
 
 def test_no_message_lost_or_answered_twice_through_many_faults(make):

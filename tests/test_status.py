@@ -72,8 +72,8 @@ def make_env(tmp_path):
         extra = {}
         for i in range(2, platforms + 1):
             fake = fakes[f"testchat{i}"] = FakeTestChat().start()
-            extra[f"testchat{i}"] = (lambda f: lambda cfg, on_message: testchat_adapter.TestChatAdapter(
-                testchat_adapter.testchat_config(f.ws_url), on_message))(fake)
+            extra[f"testchat{i}"] = (lambda f: lambda cfg, on_message, **kw: testchat_adapter.TestChatAdapter(
+                testchat_adapter.testchat_config(f.ws_url), on_message, **kw))(fake)
         gw = start_inprocess_gateway(tmp_path, fakes["testchat"], GateAgent(),
                                      extra_factories=extra)
         gw.hub_watch = hub
@@ -184,8 +184,8 @@ def test_metrics_exposition(make_env):
     text = r.text
     for name in REQUIRED_METRICS:
         assert f"# TYPE {name} " in text, name
-    assert 'hermes_green_platform_up{platform="testchat"} 1.0' in text
-    assert 'hermes_green_messages_total{direction="in",platform="testchat"}' in text
+    assert 'hermes_green_platform_up{bot="testchat",platform="testchat"} 1.0' in text
+    assert 'hermes_green_messages_total{bot="testchat",direction="in",platform="testchat"}' in text
     assert "# TYPE hermes_green_heartbeat_lateness_seconds histogram" in text
     assert "hermes_green_turn_seconds_count" in text
     assert "hermes_green_outbox_pending 0.0" in text

@@ -7,7 +7,7 @@ import logging
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hermes_green.config import WeComConfig
+from hermes_green.platforms.wecom import WeComConfig
 from hermes_green.models import Attachment, InboundMessage
 from hermes_green.platforms.base import ConnectionLost, FatalPlatformError
 from hermes_green.platforms.wecom import WeComAdapter
@@ -180,7 +180,7 @@ def test_any_single_frame_is_handled_or_skipped(data):
             assert_well_formed(msg)
         assert not any(SECRET in line for line in _handler.lines[logged:])
     finally:
-        adapter._session.kill(block=False)  # a heartbeat a subscribe answer may have started
+        adapter.background.kill(block=False)  # a heartbeat a subscribe answer may have started
 
 
 @settings(max_examples=80, deadline=None, database=None,
@@ -195,7 +195,7 @@ def test_a_stream_of_frames_leaves_one_adapter_consistent(sequence):
             assert_well_formed(msg)
         assert len({m.message_id for m in inbox}) <= len(inbox)
     finally:
-        adapter._session.kill(block=False)
+        adapter.background.kill(block=False)
 
 
 def test_the_fuzzed_frames_reach_delivery_and_the_answer_paths():
@@ -215,7 +215,7 @@ def test_the_fuzzed_frames_reach_delivery_and_the_answer_paths():
         except ConnectionLost:
             pass
         finally:
-            adapter._session.kill(block=False)
+            adapter.background.kill(block=False)
         seen["delivered"] += len(inbox)
         seen["ready"] += adapter.ready.is_set()
 
@@ -244,4 +244,4 @@ def test_handmade_frames_take_every_path():
         pass
     else:
         raise AssertionError("disconnected_event must be fatal")
-    adapter._session.kill(block=True, timeout=2)
+    adapter.background.kill(block=True, timeout=2)

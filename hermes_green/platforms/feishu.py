@@ -39,9 +39,14 @@ from urllib.parse import parse_qs, quote, urlparse
 import requests
 import websocket
 
-from ..models import Attachment, InboundMessage, OutboundMessage, attachment_placeholder
-from .base import (MAX_FRAME_BYTES, CachedToken, ConnectionLost, FatalPlatformError, LongConnectionAdapter,
-                   PlatformError, SendError, State)
+from pydantic import SecretStr
+
+from ..models import Attachment, InboundMessage, OutboundMessage
+from .base import ConnectionLost, FatalPlatformError, JournalFailure, PlatformError, SendError, State
+from .botconfig import BotConfig
+from .kit import CachedToken
+from .registry import PlatformSpec
+from .transports.websocket import MAX_FRAME_BYTES, WebSocketAdapter
 
 # --- the Frame class, without importing the SDK ----------------------------------------------
 
@@ -393,9 +398,7 @@ def parse_message_event(event: Any, bot_open_id: str | None) -> InboundMessage:
     text, bot_mentioned = _apply_mentions(text, msg.get("mentions"), bot_open_id)
     if chat_type == "group" and not bot_mentioned:
         raise Skip("group_without_mention")
-    if attachments:
-        text = f"{text} {attachment_placeholder(attachments)}".strip()
-    if not text:
+    if not text and not attachments:
         raise Skip("empty")
     return InboundMessage(
         platform=FeishuAdapter.name, message_id=message_id, chat_id=chat_id, user_id=user_id,
@@ -427,7 +430,15 @@ def _headers(frame) -> dict[str, str]:
 
 # --- the adapter -----------------------------------------------------------------------------
 
-class FeishuAdapter(LongConnectionAdapter):
+class FeishuConfig(BotConfig):
+    app_id: str
+    app_secret: SecretStr
+    domain: str = "https://open.feishu.cn"
+
+
+class FeishuAdapter(WebSocketAdapter):
+    # Events not acked within ~3 s are pushed again: a journal failure is simply not acked.
+    on_journal_failure = JournalFailure.REDELIVER
     name = "feishu"
     first_beat_at_once = True  # the SDK pings as soon as the socket is up
     max_unanswered_beats = 2
@@ -519,7 +530,7 @@ class FeishuAdapter(LongConnectionAdapter):
         interval = min(max(interval, MIN_PING_INTERVAL_S), MAX_PING_INTERVAL_S)
         if interval == self.heartbeat_interval_s:
             return
-        if self.ws is not None and self._heartbeat is not None:
+        if self.heartbeat_running:
             self.log.info("ping interval changed platform=%s from_s=%g to_s=%g", self.name,
                           self.heartbeat_interval_s, interval)
             self.start_heartbeat(interval)
@@ -553,7 +564,7 @@ class FeishuAdapter(LongConnectionAdapter):
 
     def _alive(self) -> None:
         """The server answered on this connection: it is established."""
-        if self.stats.state is not State.READY and self.ws is not None:
+        if self.stats.state is not State.READY and self.connected:
             self.mark_ready()
 
     def _on_control(self, frame, headers: dict[str, str]) -> None:
@@ -617,16 +628,10 @@ class FeishuAdapter(LongConnectionAdapter):
             self.log.info("event skipped platform=%s reason=%s event_id=%s", self.name, e,
                           str(header.get("event_id"))[:64])
             return True
-        try:
-            new = self.deliver(msg)
-        except Exception as e:
-            self.log.error("journal failed platform=%s msg=%s error=%s: %s; not acked, the "
-                           "server will redeliver", self.name, msg.message_id,
-                           type(e).__name__, str(e)[:200])
-            return False
-        self.log.info("message in platform=%s chat=%s msg=%s new=%s", self.name, msg.chat_id,
-                      msg.message_id, new)
-        return True
+        outcome = self.deliver(msg)  # a journal failure: not acked, the server redelivers
+        self.log.info("message in platform=%s chat=%s msg=%s outcome=%s", self.name, msg.chat_id,
+                      msg.message_id, outcome.value)
+        return outcome.ack
 
     def _ack(self, frame, received: float) -> None:
         """The frame back, with all its headers plus biz_rt (ms), payload {"code": 200}."""
@@ -666,6 +671,7 @@ class FeishuAdapter(LongConnectionAdapter):
                              "error=%s", self.name, out.chat_id, message_id, out.seq,
                              e.retryable, e)
             raise SendError(str(e), retryable=e.retryable, retry_after=e.retry_after) from None
-        self.stats.messages_out += 1
-        self.log.info("reply sent platform=%s chat=%s msg=%s seq=%d", self.name, out.chat_id,
-                      message_id, out.seq)
+
+
+PLATFORM = PlatformSpec(name="feishu", config=FeishuConfig, adapter="FeishuAdapter",
+                        fake="hermes_green.testing.fake_feishu:FakeFeishuServer")

@@ -30,9 +30,14 @@ from urllib.parse import quote
 import gevent
 import requests
 
-from ..models import Attachment, InboundMessage, OutboundMessage, attachment_placeholder
-from .base import (CachedToken, CloseAction, ConnectionLost, FatalPlatformError, LongConnectionAdapter,
-                   SendError)
+from pydantic import SecretStr
+
+from ..models import Attachment, InboundMessage, OutboundMessage
+from .base import ConnectionLost, FatalPlatformError, JournalFailure, SendError
+from .botconfig import BotConfig
+from .kit import CachedToken
+from .registry import PlatformSpec
+from .transports.websocket import CloseAction, WebSocketAdapter
 
 OP_DISPATCH = 0
 OP_HEARTBEAT = 1
@@ -168,7 +173,19 @@ class AccessToken(CachedToken):
         raise ConnectionLost("token_failed", f"HTTP {resp.status_code} code {code}")
 
 
-class QQBotAdapter(LongConnectionAdapter):
+class QQBotConfig(BotConfig):
+    app_id: str
+    client_secret: SecretStr
+    api_base: str = "https://api.sgroup.qq.com"
+    token_url: str = "https://bots.qq.com/app/getAppAccessToken"
+    # GROUP_AND_C2C_EVENT (1<<25); add 1<<30 / 1<<12 for guild channels and guild DMs.
+    intents: int = 1 << 25
+
+
+class QQBotAdapter(WebSocketAdapter):
+    # Resume replays dispatches after the last seq we recorded: a journal failure drops the
+    # connection before the seq moves, and the resumed session brings the event again.
+    on_journal_failure = JournalFailure.REPLAY
     """The QQ Bot gateway (v2) plus passive replies. See the module docstring for the flow."""
 
     name = "qqbot"
@@ -307,13 +324,11 @@ class QQBotAdapter(LongConnectionAdapter):
         msg = self._normalize(d, kind)
         if msg is None:
             return
-        try:
-            new = self.deliver(msg)
-        except Exception as e:
-            # Not journaled and the seq not advanced: resuming makes the server replay it.
-            raise ConnectionLost("deliver_failed", type(e).__name__, resume=True) from None
-        self.log.info("inbound platform=qqbot chat=%s msg=%s kind=%s new=%s attachments=%d",
-                      msg.chat_id, msg.message_id, kind, new, len(msg.attachments))
+        # A journal failure raises ConnectionLost here (JournalFailure.REPLAY): the seq was not
+        # advanced, so resuming makes the server replay the event.
+        outcome = self.deliver(msg)
+        self.log.info("inbound platform=qqbot chat=%s msg=%s kind=%s outcome=%s attachments=%d",
+                      msg.chat_id, msg.message_id, kind, outcome.value, len(msg.attachments))
 
     def _normalize(self, d: Any, kind: str) -> InboundMessage | None:
         if not isinstance(d, dict):
@@ -334,9 +349,7 @@ class QQBotAdapter(LongConnectionAdapter):
         # Group @-messages start with the space the mention left behind.
         text = content.strip() if isinstance(content, str) else ""
         attachments = self._attachments(d.get("attachments"), msg_id)
-        if attachments:
-            text = f"{text} {attachment_placeholder(attachments)}".strip()
-        if not text:
+        if not text and not attachments:
             self.log.info("event skipped platform=qqbot chat=%s msg=%s reason=empty", chat, msg_id)
             return None
         return InboundMessage(
@@ -446,3 +459,7 @@ class QQBotAdapter(LongConnectionAdapter):
         if status >= 500 or status in (401, 408):
             raise SendError(f"reply not accepted ({detail})")
         raise SendError(f"reply refused ({detail})", retryable=False)
+
+
+PLATFORM = PlatformSpec(name="qqbot", config=QQBotConfig, adapter="QQBotAdapter",
+                        fake="hermes_green.testing.fake_qqbot:FakeQQBotServer")

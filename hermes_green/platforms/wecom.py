@@ -47,14 +47,14 @@ import gevent.lock
 import gevent.pool
 import websocket
 
-from ..models import Attachment, InboundMessage, OutboundMessage, attachment_placeholder
-from .base import (
-    ConnectionLost,
-    FatalPlatformError,
-    LongConnectionAdapter,
-    SendError,
-    Waiters,
-)
+from pydantic import Field, SecretStr
+
+from ..models import Attachment, InboundMessage, OutboundMessage
+from .base import ConnectionLost, FatalPlatformError, JournalFailure, SendError
+from .botconfig import BotConfig
+from .kit import Waiters
+from .registry import PlatformSpec
+from .transports.websocket import WebSocketAdapter
 
 # Commands (developer -> WeCom, then WeCom -> developer).
 CMD_SUBSCRIBE = "aibot_subscribe"
@@ -91,7 +91,23 @@ class _Stream:
     closer: gevent.Greenlet | None = None
 
 
-class WeComAdapter(LongConnectionAdapter):
+class WeComConfig(BotConfig):
+    bot_id: str
+    secret: SecretStr
+    url: str = "wss://openws.work.weixin.qq.com"
+    ping_interval_s: float = Field(30.0, gt=0)
+    # How long to wait for the server's answer to a reply frame before the outbox retries it.
+    ack_timeout_s: float = Field(5.0, gt=0)
+    # Stream updates are throttled to about one a second; the stream is finished before the
+    # server's ~6 minute limit and the rest goes out as a proactive message.
+    stream_update_interval_s: float = Field(1.0, ge=0)
+    stream_max_s: float = Field(300.0, gt=0)
+
+
+class WeComAdapter(WebSocketAdapter):
+    # Callbacks are neither acked nor redelivered, and there is no cursor to resume from: a
+    # message the store refuses is held in memory and journaled as soon as the store recovers.
+    on_journal_failure = JournalFailure.HOLD
     name = "wecom"
     max_unanswered_beats = 2  # the official SDK's rule
     heartbeat_after_ready = True  # pings start once the subscribe is answered
@@ -534,9 +550,6 @@ def _content(body: dict) -> tuple[str, tuple[Attachment, ...]]:
     else:
         _part(msgtype, body, texts, attachments)
     text = "\n".join(t for t in texts if t)
-    if attachments:
-        placeholder = attachment_placeholder(attachments)
-        text = f"{placeholder} {text}" if text else placeholder
     return text, tuple(attachments)
 
 
@@ -561,3 +574,7 @@ def _part(msgtype: Any, holder: dict, texts: list[str], attachments: list[Attach
                                       else ""))
     else:
         attachments.append(Attachment("other", "", _clean(msgtype[:_MAX_LOG_TEXT])))
+
+
+PLATFORM = PlatformSpec(name="wecom", config=WeComConfig, adapter="WeComAdapter",
+                        fake="hermes_green.testing.fake_wecom:FakeWeComServer")

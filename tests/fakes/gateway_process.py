@@ -40,7 +40,8 @@ def main() -> int:
     config = load_config(config_path)
     _configure_logging(config)
     gateway = Gateway(config, agent=SlowEchoAgent(delay), adapter_factories={
-        "testchat": lambda cfg, on_message: TestChatAdapter(testchat_config(url), on_message)})
+        "testchat": lambda cfg, on_message, **kw: TestChatAdapter(testchat_config(url), on_message,
+                                                                  **kw)})
     gateway.start()
     sys.stdout.write("GATEWAY_STARTED\n")
     sys.stdout.flush()

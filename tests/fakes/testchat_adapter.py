@@ -1,4 +1,4 @@
-"""The client side of the test platform: a real `LongConnectionAdapter`, so gateway tests run
+"""The client side of the test platform: a real `WebSocketAdapter`, so gateway tests run
 the same connection, keepalive and reconnect code as production adapters."""
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 from hermes_green.config import BackoffConfig
 from hermes_green.models import InboundMessage, OutboundMessage
-from hermes_green.platforms.base import LongConnectionAdapter, SendError, Waiters
+from hermes_green.platforms.base import SendError
+from hermes_green.platforms.kit import Waiters
+from hermes_green.platforms.transports.websocket import WebSocketAdapter
 
 
 def testchat_config(url: str, **kw) -> SimpleNamespace:
@@ -15,7 +17,7 @@ def testchat_config(url: str, **kw) -> SimpleNamespace:
                            backoff=BackoffConfig(initial_s=0.05, max_s=0.5), **kw)
 
 
-class TestChatAdapter(LongConnectionAdapter):
+class TestChatAdapter(WebSocketAdapter):
     name = "testchat"
     heartbeat_interval_s = 0.5
     __test__ = False  # not a pytest test class
