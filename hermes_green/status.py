@@ -15,7 +15,10 @@ carry it, as `Authorization: Bearer <token>` or `?token=<token>` (the page opene
 `/?token=...` passes it on to its socket). Tokens are compared in constant time on their SHA-256
 digests, so neither the content nor the length leaks through timing; a refusal is a bare 401.
 A browser WebSocket from another origin is refused (403), so a web page the operator happens to
-visit cannot read the loopback status socket.
+visit cannot read the loopback status socket. On loopback without a token, the Host header must
+name a loopback address (127.0.0.1, localhost, [::1] or the bound host, any port): a page on
+evil.example that re-resolves its name to 127.0.0.1 (DNS rebinding) gets a bare 421 on every
+path. Requests without a Host header are not from browsers and are served.
 
 The page's socket pushes a JSON snapshot at connect and every `push_interval_s`; the page may
 send "ping" or "refresh" to get one at once. Anything else (binary, another text, a message over
@@ -66,6 +69,8 @@ PAGE_MESSAGES = frozenset({"ping", "refresh"})
 SPARK_POINTS = 60  # points in each sparkline
 RECENT_ERRORS = 50
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
+# what a browser on this machine puts in Host for a loopback server (with any port)
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 # WebSocket close codes (RFC 6455 section 7.4.1)
 CLOSE_GOING_AWAY = 1001
@@ -249,6 +254,41 @@ class TokenCheck:
         return (ok_header and bool(from_header)) or (ok_query and bool(from_query))
 
 
+def host_name(header: str) -> str | None:
+    """The name in a Host header without its port ("[::1]:8765" -> "::1"), lower-cased; None
+    when the header is not one host with an optional numeric port (two Host headers arrive
+    joined by a comma and are refused too)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name, sep, rest = header[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else (None if rest else "")
+        if not sep or port is None:
+            return None
+    else:
+        name, _, port = header.partition(":")
+    if not name or (port and not port.isdigit()) or any(c in name for c in ", /@[]"):
+        return None
+    return name
+
+
+class HostCheck:
+    """DNS rebinding guard for a loopback server without a token: Host must be a loopback name.
+    Off loopback, or with a token, any Host is accepted (the token is the guard there, and a
+    reverse proxy may pass the public name)."""
+
+    def __init__(self, bound_host: str, token_required: bool) -> None:
+        self.enabled = is_loopback(bound_host) and not token_required
+        self.names = LOOPBACK_HOSTS | {bound_host.strip("[]").lower()}
+
+    def allows(self, environ) -> bool:
+        if not self.enabled:
+            return True
+        header = environ.get("HTTP_HOST")
+        if header is None:  # every browser sends Host; a client without one is not a page
+            return True
+        return host_name(header) in self.names
+
+
 def _same_origin(environ) -> bool:
     """A browser always sends Origin on a WebSocket; it must name this host. Clients that send
     no Origin (curl, websocket-client with origin suppressed) are not browsers."""
@@ -333,7 +373,7 @@ class _Handler(WebSocketHandler):
 
     def run_application(self):
         if not self.application.may_upgrade(self.environ):
-            # Answer as plain HTTP: the app replies 401 / 403 / 404 without upgrading.
+            # Answer as plain HTTP: the app replies 401 / 403 / 404 / 421 without upgrading.
             return pywsgi.WSGIHandler.run_application(self)
         return super().run_application()
 
@@ -399,6 +439,7 @@ class StatusServer:
         self._token = TokenCheck(token or None)
         if token:
             REDACTOR.add([token])
+        self._host = HostCheck(self.host, self._token.required)
         self.push_interval_s = push_interval_s
         self.errors = RecentErrors()
         self._server: pywsgi.WSGIServer | None = None
@@ -450,11 +491,17 @@ class StatusServer:
     # WSGI ----------------------------------------------------------------------------------
     def may_upgrade(self, environ) -> bool:
         """Called by the handler before a WebSocket handshake."""
-        return (environ.get("PATH_INFO") == "/ws" and self._token.allows(environ)
-                and _same_origin(environ) and len(self._sockets) < MAX_PAGE_SOCKETS)
+        return (environ.get("PATH_INFO") == "/ws" and self._host.allows(environ)
+                and self._token.allows(environ) and _same_origin(environ)
+                and len(self._sockets) < MAX_PAGE_SOCKETS)
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
+        if not self._host.allows(environ):  # first: a rebinding page learns nothing, not even 404
+            log.info("status refused a request for another host path=%s", path[:100])
+            start_response("421 Misdirected Request", [("Content-Length", "0"),
+                                                       ("Cache-Control", "no-store")])
+            return []
         if path not in self.routes:
             return _json_response(start_response, "404 Not Found", {"error": "not found"})
         if not self._token.allows(environ):
