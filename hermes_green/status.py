@@ -20,6 +20,16 @@ name a loopback address (127.0.0.1, localhost, [::1] or the bound host, any port
 evil.example that re-resolves its name to 127.0.0.1 (DNS rebinding) gets a bare 421 on every
 path. Requests without a Host header are not from browsers and are served.
 
+Abuse (before any token is looked at, connections are what an attacker spends):
+- a connection that sends no request for `IDLE_TIMEOUT_S` (after connecting, or between keep-alive
+  requests) is closed; a request must be read and answered within `READ_TIMEOUT_S` of its first
+  byte, however slowly it trickles in (a page socket is exempt once upgraded);
+- at most `MAX_CONNECTIONS_PER_ADDRESS` connections from one client address and `MAX_CONNECTIONS`
+  in all. At a limit, the oldest idle connection under it (waiting for a request) is closed to
+  make room, so idle connections never lock a prober out, even one from the same address; when
+  none is idle, the new connection is closed at once. Admission runs in the accept loop, so no
+  connection waits in the listen backlog behind a full pool.
+
 The page's socket pushes a JSON snapshot at connect and every `push_interval_s`; the page may
 send "ping" or "refresh" to get one at once. Anything else (binary, another text, a message over
 `MAX_WS_MESSAGE_BYTES`, a protocol error) closes that one socket; other sockets and the HTTP
@@ -38,6 +48,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 import struct
 import time
 from pathlib import Path
@@ -63,7 +74,11 @@ log = logging.getLogger("hermes_green.status")
 PAGE_PATH = Path(__file__).resolve().parent / "static" / "status.html"
 MAX_WS_MESSAGE_BYTES = 4096  # the page only ever sends "ping" / "refresh"
 MAX_PAGE_SOCKETS = 32  # more live status pages than this are refused (503)
-MAX_CONNECTIONS = 128  # concurrent HTTP connections (greenlets) the server accepts
+MAX_CONNECTIONS = 128  # concurrent connections the server holds, idle ones evicted first
+# from one client address; above MAX_PAGE_SOCKETS so local pages never lock out a local prober
+MAX_CONNECTIONS_PER_ADDRESS = 48
+IDLE_TIMEOUT_S = 5.0  # no request on a connection this long: closed
+READ_TIMEOUT_S = 10.0  # a request from its first byte to its answer (a page socket is exempt)
 WS_SEND_TIMEOUT_S = 5.0  # a page that stops reading is dropped after this long
 PAGE_MESSAGES = frozenset({"ping", "refresh"})
 SPARK_POINTS = 60  # points in each sparkline
@@ -367,10 +382,132 @@ class PageSocket(WebSocket):
             pass
 
 
-class _Handler(WebSocketHandler):
-    """pywsgi handler: authorizes before any WebSocket upgrade, uses `PageSocket`, and logs
-    neither query strings nor the environ."""
+class _Conn:
+    """One accepted connection as admission control sees it: `idle` while its handler waits
+    for the first byte of a request (only then may it be closed to make room)."""
 
+    __slots__ = ("address", "sock", "idle")
+
+    def __init__(self, address: str, sock) -> None:
+        self.address, self.sock, self.idle = address, sock, False
+
+    def evict(self) -> None:
+        """Shut the socket down: the handler waiting on it reads EOF and closes it."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class Admission:
+    """The connection limits (see the module docstring). Runs in the accept loop on the hub:
+    every call is a few dict operations, never a wait."""
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total, self.per_address = total, per_address
+        self._conns: dict[_Conn, None] = {}  # in accept order: the first idle one is the oldest
+        self._per_address: collections.Counter[str] = collections.Counter()
+        self.refused = self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def held(self, address: str) -> tuple[int, int]:
+        """(connections, idle ones) from this client address."""
+        idle = sum(1 for c in self._conns if c.idle and c.address == address)
+        return self._per_address[address], idle
+
+    def admit(self, address: str, sock) -> _Conn | None:
+        """A `_Conn` to serve, or None: close this socket at once."""
+        if self._per_address[address] >= self.per_address and not self._evict(address):
+            self.refused += 1
+            return None
+        if len(self._conns) >= self.total and not self._evict(None):
+            self.refused += 1
+            return None
+        conn = _Conn(address, sock)
+        self._conns[conn] = None
+        self._per_address[address] += 1
+        return conn
+
+    def release(self, conn: _Conn | None) -> None:
+        """The connection is gone (closed, or evicted); a second call is a no-op."""
+        if conn is not None and self._conns.pop(conn, False) is None:
+            self._per_address[conn.address] -= 1
+            if not self._per_address[conn.address]:
+                del self._per_address[conn.address]
+
+    def _evict(self, address: str | None) -> bool:
+        for conn in self._conns:
+            if conn.idle and (address is None or conn.address == address):
+                self.release(conn)
+                conn.evict()
+                self.evicted += 1
+                return True
+        return False
+
+
+class _Handler(WebSocketHandler):
+    """pywsgi handler: the idle and read timeouts, authorizes before any WebSocket upgrade, uses
+    `PageSocket`, and logs neither query strings nor the environ."""
+
+    conn: _Conn | None = None  # set by _Server.handle
+    _deadline: gevent.Timeout | None = None
+
+    # timeouts ----------------------------------------------------------------------------
+    def handle_one_request(self):
+        if not self._await_request():
+            return None
+        deadline = self._deadline = gevent.Timeout(self.server.read_timeout_s)
+        deadline.start()
+        try:
+            return super().handle_one_request()
+        except gevent.Timeout as t:  # raised while the request line or headers trickled in
+            if t is not deadline:
+                raise
+            self._noise("request not complete within the read timeout")
+            return None
+        finally:
+            deadline.close()
+            self._deadline = None
+
+    def _await_request(self) -> bool:
+        """Wait (idle, evictable) up to the idle timeout for the first byte of the next request.
+        False: the peer closed, was evicted, or sent nothing in time; the connection ends."""
+        rfile = self.rfile
+        if rfile is None or rfile.closed:
+            return False
+        if self.conn is not None:
+            self.conn.idle = True
+        try:
+            with gevent.Timeout(self.server.idle_timeout_s, False):
+                return bool(rfile.peek(1))
+            self._noise("idle timeout")
+            return False
+        except OSError:
+            return False
+        finally:
+            if self.conn is not None:
+                self.conn.idle = False
+
+    def get_environ(self):
+        environ = super().get_environ()
+        chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+        if self.content_length or chunked:
+            # Nothing here takes a body: answer without reading it, then close. (pywsgi would
+            # read and discard it after the answer, however large or slow it is.)
+            self.close_connection = True
+            self.wsgi_input = pywsgi.Input(self.rfile, 0)
+            environ["wsgi.input"] = self.wsgi_input
+        return environ
+
+    def run_websocket(self):
+        # Upgraded: the page socket lives as long as the page (it has its own send timeout).
+        if self._deadline is not None:
+            self._deadline.close()
+        return super().run_websocket()
+
+    # WebSocket ---------------------------------------------------------------------------
     def run_application(self):
         if not self.application.may_upgrade(self.environ):
             # Answer as plain HTTP: the app replies 401 / 403 / 404 / 421 without upgrading.
@@ -391,16 +528,53 @@ class _Handler(WebSocketHandler):
             self.environ["wsgi.websocket"] = self.websocket
         return result
 
+    # logging -----------------------------------------------------------------------------
     def log_request(self):
         path = (self.environ or {}).get("PATH_INFO", "?")
         log.debug("status request path=%s status=%s", path, getattr(self, "code", None))
 
+    def _noise(self, why: str) -> None:
+        address = self.client_address[0] if isinstance(self.client_address, tuple) else "?"
+        log.debug("status connection closed from=%s why=%s", address, why)
+
     def handle_error(self, t, v, tb):
         if issubclass(t, gevent.GreenletExit):  # the server stopping: not an error
+            return
+        if v is not None and v is self._deadline:  # the answer could not be sent in time
+            self.close_connection = True
+            self._noise("answer not sent within the read timeout")
             return
         log.error("status request failed path=%s error=%s",
                   (self.environ or {}).get("PATH_INFO", "?"), t.__name__)
         self._send_error_response_if_possible(500)
+
+
+class _Server(pywsgi.WSGIServer):
+    """pywsgi's server with admission control in the accept loop (see `Admission`)."""
+
+    def __init__(self, *args, admission: Admission, idle_timeout_s: float,
+                 read_timeout_s: float, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.admission = admission
+        self.idle_timeout_s = idle_timeout_s
+        self.read_timeout_s = read_timeout_s
+
+    def do_handle(self, sock, address):
+        host = address[0] if isinstance(address, tuple) else str(address)
+        conn = self.admission.admit(host, sock)
+        if conn is None:
+            log.debug("status connection refused from=%s why=connection limit", host)
+            sock.close()
+            return
+        super().do_handle(sock, address, conn)
+
+    def handle(self, sock, address, conn=None):
+        try:
+            handler = self.handler_class(sock, address, self)
+            handler.conn = conn
+            handler.handle()
+        finally:
+            self.admission.release(conn)
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -427,11 +601,15 @@ _PAGE_HEADERS = [
 
 class StatusServer:
     """`StatusServer(gateway, status_config).start()`; `.stop()` is idempotent. With port 0 the
-    bound port is in `.port` after start; `.url` is the page's address (without the token)."""
+    bound port is in `.port` after start; `.url` is the page's address (without the token).
+    The limits and timeouts default to the module's constants; tests pass small ones."""
 
     routes = ("/", "/healthz", "/metrics", "/ws")
 
-    def __init__(self, gateway, config, *, push_interval_s: float = 1.0) -> None:
+    def __init__(self, gateway, config, *, push_interval_s: float = 1.0,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S, read_timeout_s: float = READ_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS) -> None:
         self.gateway = gateway
         self.host = config.host
         self.port = config.port
@@ -441,6 +619,9 @@ class StatusServer:
             REDACTOR.add([token])
         self._host = HostCheck(self.host, self._token.required)
         self.push_interval_s = push_interval_s
+        self.idle_timeout_s = idle_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.admission = Admission(max_connections, max_connections_per_address)
         self.errors = RecentErrors()
         self._server: pywsgi.WSGIServer | None = None
         self._sockets: set[PageSocket] = set()
@@ -459,9 +640,13 @@ class StatusServer:
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> "StatusServer":
         self._page = PAGE_PATH.read_bytes()
-        server = pywsgi.WSGIServer((self.host, self.port), self, handler_class=_Handler,
-                                   spawn=gevent.pool.Pool(MAX_CONNECTIONS), log=None,
-                                   error_log=log)
+        # The pool is only a backstop (admission keeps it far from full): a full pool would
+        # stop the accept loop and leave new connections waiting in the backlog.
+        server = _Server((self.host, self.port), self, handler_class=_Handler,
+                         spawn=gevent.pool.Pool(2 * self.admission.total), log=None,
+                         error_log=log,
+                         admission=self.admission, idle_timeout_s=self.idle_timeout_s,
+                         read_timeout_s=self.read_timeout_s)
         try:
             server.start()
         except OSError as e:

@@ -6,15 +6,20 @@ with GUARD_S as the failure guard."""
 from __future__ import annotations
 
 import socket
+import time
 
+import gevent
 import pytest
 import requests
 import websocket
 
-from hermes_green.status import host_name
+from hermes_green.status import MAX_CONNECTIONS_PER_ADDRESS, host_name
+from tests.support import wait_until
 from tests.test_status import TOKEN, make_env, open_ws  # noqa: F401  (make_env: the fixture)
 
 GUARD_S = 5.0
+LONG_S = 60.0  # a timeout that must play no part in the test that sets it
+PARTIAL_HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # the blank line never comes
 
 
 def connect(env, source: str = "127.0.0.1") -> socket.socket:
@@ -49,6 +54,134 @@ def raw_get(env, path: str, host: str | None, source: str = "127.0.0.1") -> tupl
     s.close()
     status_line, _, rest = reply.partition(b"\r\n")
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def close_all(sockets) -> None:
+    for s in sockets:
+        s.close()
+
+
+# --- connection floods -------------------------------------------------------------------------
+
+def test_two_hundred_idle_connections_leave_healthz_answering(make_env):
+    # Timeouts long: only the connection limits may make room. Before the fix the 128th idle
+    # connection filled the pool and /healthz waited in the listen backlog for good.
+    env = make_env(idle_timeout_s=LONG_S, read_timeout_s=LONG_S)
+    idle = [connect(env) for _ in range(200)]
+    try:
+        started = time.monotonic()
+        r = env.get("/healthz")  # from the same address as the idle ones; requests' timeout 5 s
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+        assert time.monotonic() - started < GUARD_S
+        assert env.get("/").status_code == 200
+        held, _ = env.server.admission.held("127.0.0.1")
+        assert held <= MAX_CONNECTIONS_PER_ADDRESS
+        # the idle ones made room (the connection limits, not a timeout, let /healthz in)
+        assert env.server.admission.evicted >= 200 - MAX_CONNECTIONS_PER_ADDRESS
+    finally:
+        close_all(idle)
+    assert env.gateway.adapters["testchat"].ready.is_set()
+
+
+def mid_request(env, source: str, n: int) -> list[socket.socket]:
+    """n connections from `source`, each in the middle of its request head (busy, not idle)."""
+    busy = [connect(env, source) for _ in range(n)]
+    for s in busy:
+        s.sendall(PARTIAL_HEAD)
+    wait_until(lambda: env.server.admission.held(source) == (n, 0), what=f"{n} busy from {source}")
+    return busy
+
+
+def test_a_connection_over_the_per_address_cap_is_closed_at_once_and_others_are_served(make_env):
+    env = make_env(max_connections_per_address=4, idle_timeout_s=LONG_S, read_timeout_s=LONG_S)
+    busy = mid_request(env, "127.0.0.2", 4)
+    try:
+        extra = connect(env, "127.0.0.2")
+        assert read_to_eof(extra) == b""  # closed unanswered, long before any timeout
+        extra.close()
+        assert raw_get(env, "/healthz", "127.0.0.1", source="127.0.0.3")[0] == 200
+        assert env.get("/healthz").status_code == 200
+        # the four held connections were not harmed: one finishes its request and is answered
+        busy[0].sendall(b"Connection: close\r\n\r\n")
+        assert read_to_eof(busy[0]).startswith(b"HTTP/1.1 200")
+    finally:
+        close_all(busy)
+
+
+def test_at_the_overall_cap_a_new_connection_is_closed_at_once(make_env):
+    env = make_env(max_connections=6, max_connections_per_address=3,
+                   idle_timeout_s=LONG_S, read_timeout_s=LONG_S)
+    busy = mid_request(env, "127.0.0.2", 3) + mid_request(env, "127.0.0.3", 3)
+    try:
+        extra = connect(env, "127.0.0.4")
+        assert read_to_eof(extra) == b""
+        extra.close()
+        busy[0].sendall(b"Connection: close\r\n\r\n")  # one finishes: room for one more
+        assert read_to_eof(busy[0]).startswith(b"HTTP/1.1 200")
+        wait_until(lambda: len(env.server.admission) == 5, what="the finished one released")
+        assert raw_get(env, "/healthz", "127.0.0.1", source="127.0.0.4")[0] == 200
+    finally:
+        close_all(busy)
+
+
+# --- timeouts ----------------------------------------------------------------------------------
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout(make_env):
+    env = make_env(idle_timeout_s=0.3, read_timeout_s=LONG_S)
+    s = connect(env)
+    started = time.monotonic()
+    assert read_to_eof(s) == b""  # the server closed it; the guard is GUARD_S
+    assert time.monotonic() - started >= 0.2  # not before its time
+    s.close()
+    # between keep-alive requests too: answered, then closed once idle
+    s = connect(env)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert read_to_eof(s).startswith(b"HTTP/1.1 200")
+    s.close()
+
+
+def test_a_request_that_trickles_in_is_closed_after_the_read_timeout(make_env):
+    env = make_env(idle_timeout_s=LONG_S, read_timeout_s=0.5)
+    s = connect(env)
+    head = PARTIAL_HEAD + b"X-Pad: " + b"a" * 10_000
+
+    def trickle():  # one byte every 20 ms: never idle, never done
+        try:
+            for i in range(len(head)):
+                s.send(head[i:i + 1])
+                gevent.sleep(0.02)
+        except OSError:
+            pass
+
+    sender = gevent.spawn(trickle)
+    try:
+        assert read_to_eof(s) == b""
+    finally:
+        sender.kill()
+        s.close()
+
+
+@pytest.mark.parametrize("framing, body", [(b"Content-Length: 1000000000000", b"a" * 1000),
+                                           (b"Transfer-Encoding: chunked", b"1\r\na\r\n" * 100)])
+def test_a_request_body_is_not_read_the_answer_comes_at_once(make_env, framing, body):
+    # Nothing here takes a body: the server answers and closes instead of reading it to the end
+    # (before the fix it waited for the whole declared terabyte, or for the last chunk).
+    env = make_env(idle_timeout_s=LONG_S, read_timeout_s=LONG_S)
+    s = connect(env)
+    s.sendall(b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + framing + b"\r\n\r\n" + body)
+    assert read_to_eof(s).startswith(b"HTTP/1.1 405")  # answered, and closed
+    s.close()
+
+
+def test_a_page_socket_outlives_the_timeouts(make_env):
+    env = make_env(idle_timeout_s=0.1, read_timeout_s=0.1, push_interval_s=0.05)
+    ws = open_ws(env)
+    started = time.monotonic()
+    while time.monotonic() - started < 0.5:  # five times either timeout, pushes keep coming
+        assert ws.recv()
+    ws.send("refresh")
+    assert ws.recv()
+    ws.close()
 
 
 # --- DNS rebinding -----------------------------------------------------------------------------
