@@ -28,7 +28,9 @@ Abuse (before any token is looked at, connections are what an attacker spends):
   in all. At a limit, the oldest idle connection under it (waiting for a request) is closed to
   make room, so idle connections never lock a prober out, even one from the same address; when
   none is idle, the new connection is closed at once. Admission runs in the accept loop, so no
-  connection waits in the listen backlog behind a full pool.
+  connection waits in the listen backlog behind a full pool;
+- bad request lines, junk bytes, TLS handshakes to this plain port and timeouts are the client's
+  doing: one DEBUG line each, never ERROR, and never the bytes received (they may carry a token).
 
 The page's socket pushes a JSON snapshot at connect and every `push_interval_s`; the page may
 send "ping" or "refresh" to get one at once. Anything else (binary, another text, a message over
@@ -382,6 +384,9 @@ class PageSocket(WebSocket):
             pass
 
 
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
 class _Conn:
     """One accepted connection as admission control sees it: `idle` while its handler waits
     for the first byte of a request (only then may it be closed to make room)."""
@@ -447,9 +452,19 @@ class Admission:
         return False
 
 
+class _QuietLog:
+    """gevent-websocket's logger for our handler: what it reports (bad handshakes) is the
+    client's doing, so it goes to DEBUG, like the rest of the pre-auth noise."""
+
+    def debug(self, msg, *args, **kw):
+        log.debug("status websocket: " + str(msg), *args)
+
+    info = warning = error = debug
+
+
 class _Handler(WebSocketHandler):
     """pywsgi handler: the idle and read timeouts, authorizes before any WebSocket upgrade, uses
-    `PageSocket`, and logs neither query strings nor the environ."""
+    `PageSocket`, logs neither query strings nor the environ, and keeps client noise at DEBUG."""
 
     conn: _Conn | None = None  # set by _Server.handle
     _deadline: gevent.Timeout | None = None
@@ -528,14 +543,30 @@ class _Handler(WebSocketHandler):
             self.environ["wsgi.websocket"] = self.websocket
         return result
 
+    @property
+    def logger(self):
+        return _QUIET_LOG
+
     # logging -----------------------------------------------------------------------------
     def log_request(self):
-        path = (self.environ or {}).get("PATH_INFO", "?")
-        log.debug("status request path=%s status=%s", path, getattr(self, "code", None))
+        if not self.environ:  # no request was parsed: `_noise` has said why
+            return
+        log.debug("status request path=%s status=%s", self.environ.get("PATH_INFO", "?"),
+                  getattr(self, "code", None))
 
     def _noise(self, why: str) -> None:
         address = self.client_address[0] if isinstance(self.client_address, tuple) else "?"
         log.debug("status connection closed from=%s why=%s", address, why)
+
+    def _handle_client_error(self, ex):
+        # A bad request line or header (junk, a TLS handshake to this plain port): one DEBUG
+        # line without the bytes (gevent's own message quotes them, and they may hold a token).
+        self.close_connection = True
+        self._noise(f"bad request ({type(ex).__name__})")
+        return ("400", _BAD_REQUEST)
+
+    def log_error(self, msg, *args):
+        self._noise("client error")  # gevent's other client-side complaints; same rule
 
     def handle_error(self, t, v, tb):
         if issubclass(t, gevent.GreenletExit):  # the server stopping: not an error
@@ -547,6 +578,9 @@ class _Handler(WebSocketHandler):
         log.error("status request failed path=%s error=%s",
                   (self.environ or {}).get("PATH_INFO", "?"), t.__name__)
         self._send_error_response_if_possible(500)
+
+
+_QUIET_LOG = _QuietLog()
 
 
 class _Server(pywsgi.WSGIServer):
@@ -644,7 +678,7 @@ class StatusServer:
         # stop the accept loop and leave new connections waiting in the backlog.
         server = _Server((self.host, self.port), self, handler_class=_Handler,
                          spawn=gevent.pool.Pool(2 * self.admission.total), log=None,
-                         error_log=log,
+                         error_log=pywsgi.LoggingLogAdapter(log, logging.DEBUG),
                          admission=self.admission, idle_timeout_s=self.idle_timeout_s,
                          read_timeout_s=self.read_timeout_s)
         try:

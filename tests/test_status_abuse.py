@@ -5,6 +5,8 @@ controls exactly which bytes arrive and when; every wait is on the socket's EOF 
 with GUARD_S as the failure guard."""
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import time
 
@@ -226,3 +228,37 @@ def test_with_a_token_off_loopback_the_token_rule_decides_not_the_host(make_env)
     ("x@127.0.0.1", None), ("127.0.0.1,evil", None), ("", None), (":80", None)])
 def test_host_name_parsing(header, name):
     assert host_name(header) == name
+
+
+# --- pre-auth noise ----------------------------------------------------------------------------
+
+JUNK = [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(200),  # a TLS ClientHello
+    b"\x00\xff\xfe\xfd junk\r\n\r\n",
+    b"HELLO\r\n\r\n",
+    b"GET /?token=s3cr3t-in-junk HTTP/9.9\r\n\r\n",
+    b"GET / HTTP/1.1\r\nContent-Length: many\r\n\r\n",
+    b"GET / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+]
+
+
+def test_junk_bytes_are_one_debug_line_each_never_an_error(make_env, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    env = make_env(idle_timeout_s=LONG_S, read_timeout_s=0.5)  # the ClientHello has no newline
+    caplog.clear()
+    for junk in JUNK:
+        s = connect(env)
+        s.sendall(junk)
+        read_to_eof(s)
+        s.close()
+    records = list(caplog.records)
+    assert env.get("/healthz").status_code == 200
+    loud = [(r.name, r.levelname, r.getMessage()) for r in records if r.levelno >= logging.INFO
+            and not r.name.startswith("hermes_green.platforms")]
+    assert loud == []
+    ours = [r.getMessage() for r in records if r.name == "hermes_green.status"]
+    assert len(ours) == len(JUNK), ours  # one line per connection
+    assert all(m.startswith("status connection closed") for m in ours), ours
+    assert not any("s3cr3t-in-junk" in r.getMessage() for r in records)
+    assert env.server.errors.latest() == []  # nothing on the page's recent-errors list
+    assert "Traceback" not in capfd.readouterr().err
