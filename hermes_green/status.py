@@ -25,10 +25,12 @@ Abuse (before any token is looked at, connections are what an attacker spends):
   requests) is closed; a request must be read and answered within `READ_TIMEOUT_S` of its first
   byte, however slowly it trickles in (a page socket is exempt once upgraded);
 - at most `MAX_CONNECTIONS_PER_ADDRESS` connections from one client address and `MAX_CONNECTIONS`
-  in all. At a limit, the oldest idle connection under it (waiting for a request) is closed to
-  make room, so idle connections never lock a prober out, even one from the same address; when
-  none is idle, the new connection is closed at once. Admission runs in the accept loop, so no
-  connection waits in the listen backlog behind a full pool;
+  in all. At a limit, the oldest connection under it that has no complete request in (idle, or
+  its request still trickling in) is closed to make room, so such connections never lock out a
+  prober, whose request arrives at once, even one from the same address (every local client is
+  127.0.0.1). When every connection under the limit is being answered or is a page socket, the
+  new one is closed at once. A flood from one address only ever closes that address's own
+  connections. Admission runs in the accept loop: nothing waits in the listen backlog;
 - bad request lines, junk bytes, TLS handshakes to this plain port and timeouts are the client's
   doing: one DEBUG line each, never ERROR, and never the bytes received (they may carry a token).
 
@@ -50,7 +52,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import socket
 import struct
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ log = logging.getLogger("hermes_green.status")
 PAGE_PATH = Path(__file__).resolve().parent / "static" / "status.html"
 MAX_WS_MESSAGE_BYTES = 4096  # the page only ever sends "ping" / "refresh"
 MAX_PAGE_SOCKETS = 32  # more live status pages than this are refused (503)
-MAX_CONNECTIONS = 128  # concurrent connections the server holds, idle ones evicted first
+MAX_CONNECTIONS = 128  # concurrent connections the server holds (see "Abuse" above)
 # from one client address; above MAX_PAGE_SOCKETS so local pages never lock out a local prober
 MAX_CONNECTIONS_PER_ADDRESS = 48
 IDLE_TIMEOUT_S = 5.0  # no request on a connection this long: closed
@@ -387,21 +388,23 @@ class PageSocket(WebSocket):
 _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
+class _Evicted(gevent.GreenletExit):
+    """Thrown into a connection's handler to close it and make room for a new one. A
+    GreenletExit, so wherever it lands the greenlet ends quietly."""
+
+
 class _Conn:
-    """One accepted connection as admission control sees it: `idle` while its handler waits
-    for the first byte of a request (only then may it be closed to make room)."""
+    """One accepted connection as admission control sees it: `evictable` from the moment its
+    handler waits for a request until that request's head is in (see `_Handler`)."""
 
-    __slots__ = ("address", "sock", "idle")
+    __slots__ = ("address", "greenlet", "evictable")
 
-    def __init__(self, address: str, sock) -> None:
-        self.address, self.sock, self.idle = address, sock, False
+    def __init__(self, address: str) -> None:
+        self.address, self.greenlet, self.evictable = address, None, False
 
     def evict(self) -> None:
-        """Shut the socket down: the handler waiting on it reads EOF and closes it."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        if self.greenlet is not None:
+            self.greenlet.kill(_Evicted, block=False)
 
 
 class Admission:
@@ -410,7 +413,7 @@ class Admission:
 
     def __init__(self, total: int, per_address: int) -> None:
         self.total, self.per_address = total, per_address
-        self._conns: dict[_Conn, None] = {}  # in accept order: the first idle one is the oldest
+        self._conns: dict[_Conn, None] = {}  # in accept order: the first found is the oldest
         self._per_address: collections.Counter[str] = collections.Counter()
         self.refused = self.evicted = 0
 
@@ -418,11 +421,11 @@ class Admission:
         return len(self._conns)
 
     def held(self, address: str) -> tuple[int, int]:
-        """(connections, idle ones) from this client address."""
-        idle = sum(1 for c in self._conns if c.idle and c.address == address)
-        return self._per_address[address], idle
+        """(connections, evictable ones) from this client address."""
+        evictable = sum(1 for c in self._conns if c.evictable and c.address == address)
+        return self._per_address[address], evictable
 
-    def admit(self, address: str, sock) -> _Conn | None:
+    def admit(self, address: str) -> _Conn | None:
         """A `_Conn` to serve, or None: close this socket at once."""
         if self._per_address[address] >= self.per_address and not self._evict(address):
             self.refused += 1
@@ -430,7 +433,7 @@ class Admission:
         if len(self._conns) >= self.total and not self._evict(None):
             self.refused += 1
             return None
-        conn = _Conn(address, sock)
+        conn = _Conn(address)
         self._conns[conn] = None
         self._per_address[address] += 1
         return conn
@@ -444,7 +447,7 @@ class Admission:
 
     def _evict(self, address: str | None) -> bool:
         for conn in self._conns:
-            if conn.idle and (address is None or conn.address == address):
+            if conn.evictable and (address is None or conn.address == address):
                 self.release(conn)
                 conn.evict()
                 self.evicted += 1
@@ -471,29 +474,36 @@ class _Handler(WebSocketHandler):
 
     # timeouts ----------------------------------------------------------------------------
     def handle_one_request(self):
-        if not self._await_request():
-            return None
-        deadline = self._deadline = gevent.Timeout(self.server.read_timeout_s)
-        deadline.start()
+        # Evictable until the request's head is in (`get_environ`): a request that arrives at
+        # once is read without a switch, so only idle or trickling connections are ever evicted.
+        self._evictable(True)
+        deadline = None
         try:
+            if not self._await_request():
+                return None
+            deadline = self._deadline = gevent.Timeout(self.server.read_timeout_s)
+            deadline.start()
             return super().handle_one_request()
         except gevent.Timeout as t:  # raised while the request line or headers trickled in
             if t is not deadline:
                 raise
             self._noise("request not complete within the read timeout")
             return None
+        except _Evicted:
+            self._noise("closed to make room (no complete request)")
+            return None
         finally:
-            deadline.close()
-            self._deadline = None
+            self._evictable(False)
+            if deadline is not None:
+                deadline.close()
+                self._deadline = None
 
     def _await_request(self) -> bool:
-        """Wait (idle, evictable) up to the idle timeout for the first byte of the next request.
-        False: the peer closed, was evicted, or sent nothing in time; the connection ends."""
+        """Wait up to the idle timeout for the first byte of the next request. False: the peer
+        closed or sent nothing in time; the connection ends."""
         rfile = self.rfile
         if rfile is None or rfile.closed:
             return False
-        if self.conn is not None:
-            self.conn.idle = True
         try:
             with gevent.Timeout(self.server.idle_timeout_s, False):
                 return bool(rfile.peek(1))
@@ -501,11 +511,13 @@ class _Handler(WebSocketHandler):
             return False
         except OSError:
             return False
-        finally:
-            if self.conn is not None:
-                self.conn.idle = False
+
+    def _evictable(self, flag: bool) -> None:
+        if self.conn is not None:
+            self.conn.evictable = flag
 
     def get_environ(self):
+        self._evictable(False)  # the head is in: from here on the request is being answered
         environ = super().get_environ()
         chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
         if self.content_length or chunked:
@@ -569,7 +581,9 @@ class _Handler(WebSocketHandler):
         self._noise("client error")  # gevent's other client-side complaints; same rule
 
     def handle_error(self, t, v, tb):
-        if issubclass(t, gevent.GreenletExit):  # the server stopping: not an error
+        if issubclass(t, gevent.GreenletExit):
+            # the server stopping, or an eviction that landed after the head was in: not an error
+            self.close_connection = True
             return
         if v is not None and v is self._deadline:  # the answer could not be sent in time
             self.close_connection = True
@@ -595,7 +609,7 @@ class _Server(pywsgi.WSGIServer):
 
     def do_handle(self, sock, address):
         host = address[0] if isinstance(address, tuple) else str(address)
-        conn = self.admission.admit(host, sock)
+        conn = self.admission.admit(host)
         if conn is None:
             log.debug("status connection refused from=%s why=connection limit", host)
             sock.close()
@@ -604,6 +618,8 @@ class _Server(pywsgi.WSGIServer):
 
     def handle(self, sock, address, conn=None):
         try:
+            if conn is not None:
+                conn.greenlet = gevent.getcurrent()
             handler = self.handler_class(sock, address, self)
             handler.conn = conn
             handler.handle()

@@ -5,6 +5,7 @@ controls exactly which bytes arrive and when; every wait is on the socket's EOF 
 with GUARD_S as the failure guard."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -15,7 +16,7 @@ import pytest
 import requests
 import websocket
 
-from hermes_green.status import MAX_CONNECTIONS_PER_ADDRESS, host_name
+from hermes_green.status import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, host_name
 from tests.support import wait_until
 from tests.test_status import TOKEN, make_env, open_ws  # noqa: F401  (make_env: the fixture)
 
@@ -85,45 +86,64 @@ def test_two_hundred_idle_connections_leave_healthz_answering(make_env):
     assert env.gateway.adapters["testchat"].ready.is_set()
 
 
-def mid_request(env, source: str, n: int) -> list[socket.socket]:
-    """n connections from `source`, each in the middle of its request head (busy, not idle)."""
-    busy = [connect(env, source) for _ in range(n)]
-    for s in busy:
+def test_two_hundred_trickling_requests_from_four_addresses_leave_healthz_answering(make_env):
+    # Slowloris: every connection mid-head, from several addresses, so that no per-address limit
+    # is reached and the overall one is. Timeouts long: only eviction may make room.
+    env = make_env(idle_timeout_s=LONG_S, read_timeout_s=LONG_S)
+    slow = []
+    for i in range(200):
+        s = connect(env, f"127.0.0.{2 + i % 4}")
         s.sendall(PARTIAL_HEAD)
-    wait_until(lambda: env.server.admission.held(source) == (n, 0), what=f"{n} busy from {source}")
-    return busy
+        slow.append(s)
+    try:
+        r = env.get("/healthz")
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+        assert len(env.server.admission) <= MAX_CONNECTIONS
+        assert env.server.admission.evicted >= 200 - MAX_CONNECTIONS
+    finally:
+        close_all(slow)
+
+
+def page_sockets(env, source: str, n: int) -> list[websocket.WebSocket]:
+    """n status-page sockets from `source`: connections being served, which are never closed
+    to make room."""
+    pages = []
+    for _ in range(n):
+        ws = websocket.create_connection(env.ws_url, timeout=GUARD_S, socket=connect(env, source))
+        assert json.loads(ws.recv())["status"] == "ok"
+        pages.append(ws)
+    return pages
 
 
 def test_a_connection_over_the_per_address_cap_is_closed_at_once_and_others_are_served(make_env):
     env = make_env(max_connections_per_address=4, idle_timeout_s=LONG_S, read_timeout_s=LONG_S)
-    busy = mid_request(env, "127.0.0.2", 4)
+    pages = page_sockets(env, "127.0.0.2", 4)
     try:
         extra = connect(env, "127.0.0.2")
         assert read_to_eof(extra) == b""  # closed unanswered, long before any timeout
         extra.close()
         assert raw_get(env, "/healthz", "127.0.0.1", source="127.0.0.3")[0] == 200
         assert env.get("/healthz").status_code == 200
-        # the four held connections were not harmed: one finishes its request and is answered
-        busy[0].sendall(b"Connection: close\r\n\r\n")
-        assert read_to_eof(busy[0]).startswith(b"HTTP/1.1 200")
+        for ws in pages:  # the four held connections were not harmed
+            ws.send("refresh")
+            assert json.loads(ws.recv())["status"] == "ok"
     finally:
-        close_all(busy)
+        close_all(pages)
 
 
 def test_at_the_overall_cap_a_new_connection_is_closed_at_once(make_env):
     env = make_env(max_connections=6, max_connections_per_address=3,
                    idle_timeout_s=LONG_S, read_timeout_s=LONG_S)
-    busy = mid_request(env, "127.0.0.2", 3) + mid_request(env, "127.0.0.3", 3)
+    pages = page_sockets(env, "127.0.0.2", 3) + page_sockets(env, "127.0.0.3", 3)
     try:
         extra = connect(env, "127.0.0.4")
         assert read_to_eof(extra) == b""
         extra.close()
-        busy[0].sendall(b"Connection: close\r\n\r\n")  # one finishes: room for one more
-        assert read_to_eof(busy[0]).startswith(b"HTTP/1.1 200")
-        wait_until(lambda: len(env.server.admission) == 5, what="the finished one released")
+        pages.pop().close()  # one page goes: room for one more
+        wait_until(lambda: len(env.server.admission) == 5, what="the closed page released")
         assert raw_get(env, "/healthz", "127.0.0.1", source="127.0.0.4")[0] == 200
     finally:
-        close_all(busy)
+        close_all(pages)
 
 
 # --- timeouts ----------------------------------------------------------------------------------
