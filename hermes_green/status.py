@@ -15,7 +15,24 @@ carry it, as `Authorization: Bearer <token>` or `?token=<token>` (the page opene
 `/?token=...` passes it on to its socket). Tokens are compared in constant time on their SHA-256
 digests, so neither the content nor the length leaks through timing; a refusal is a bare 401.
 A browser WebSocket from another origin is refused (403), so a web page the operator happens to
-visit cannot read the loopback status socket.
+visit cannot read the loopback status socket. On loopback without a token, the Host header must
+name a loopback address (127.0.0.1, localhost, [::1] or the bound host, any port): a page on
+evil.example that re-resolves its name to 127.0.0.1 (DNS rebinding) gets a bare 421 on every
+path. Requests without a Host header are not from browsers and are served.
+
+Abuse (before any token is looked at, connections are what an attacker spends):
+- a connection that sends no request for `IDLE_TIMEOUT_S` (after connecting, or between keep-alive
+  requests) is closed; a request must be read and answered within `READ_TIMEOUT_S` of its first
+  byte, however slowly it trickles in (a page socket is exempt once upgraded);
+- at most `MAX_CONNECTIONS_PER_ADDRESS` connections from one client address and `MAX_CONNECTIONS`
+  in all. At a limit, the oldest connection under it that has no complete request in (idle, or
+  its request still trickling in) is closed to make room, so such connections never lock out a
+  prober, whose request arrives at once, even one from the same address (every local client is
+  127.0.0.1). When every connection under the limit is being answered or is a page socket, the
+  new one is closed at once. A flood from one address only ever closes that address's own
+  connections. Admission runs in the accept loop: nothing waits in the listen backlog;
+- bad request lines, junk bytes, TLS handshakes to this plain port and timeouts are the client's
+  doing: one DEBUG line each, never ERROR, and never the bytes received (they may carry a token).
 
 The page's socket pushes a JSON snapshot at connect and every `push_interval_s`; the page may
 send "ping" or "refresh" to get one at once. Anything else (binary, another text, a message over
@@ -60,12 +77,18 @@ log = logging.getLogger("hermes_green.status")
 PAGE_PATH = Path(__file__).resolve().parent / "static" / "status.html"
 MAX_WS_MESSAGE_BYTES = 4096  # the page only ever sends "ping" / "refresh"
 MAX_PAGE_SOCKETS = 32  # more live status pages than this are refused (503)
-MAX_CONNECTIONS = 128  # concurrent HTTP connections (greenlets) the server accepts
+MAX_CONNECTIONS = 128  # concurrent connections the server holds (see "Abuse" above)
+# from one client address; above MAX_PAGE_SOCKETS so local pages never lock out a local prober
+MAX_CONNECTIONS_PER_ADDRESS = 48
+IDLE_TIMEOUT_S = 5.0  # no request on a connection this long: closed
+READ_TIMEOUT_S = 10.0  # a request from its first byte to its answer (a page socket is exempt)
 WS_SEND_TIMEOUT_S = 5.0  # a page that stops reading is dropped after this long
 PAGE_MESSAGES = frozenset({"ping", "refresh"})
 SPARK_POINTS = 60  # points in each sparkline
 RECENT_ERRORS = 50
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
+# what a browser on this machine puts in Host for a loopback server (with any port)
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 # WebSocket close codes (RFC 6455 section 7.4.1)
 CLOSE_GOING_AWAY = 1001
@@ -249,6 +272,41 @@ class TokenCheck:
         return (ok_header and bool(from_header)) or (ok_query and bool(from_query))
 
 
+def host_name(header: str) -> str | None:
+    """The name in a Host header without its port ("[::1]:8765" -> "::1"), lower-cased; None
+    when the header is not one host with an optional numeric port (two Host headers arrive
+    joined by a comma and are refused too)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name, sep, rest = header[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else (None if rest else "")
+        if not sep or port is None:
+            return None
+    else:
+        name, _, port = header.partition(":")
+    if not name or (port and not port.isdigit()) or any(c in name for c in ", /@[]"):
+        return None
+    return name
+
+
+class HostCheck:
+    """DNS rebinding guard for a loopback server without a token: Host must be a loopback name.
+    Off loopback, or with a token, any Host is accepted (the token is the guard there, and a
+    reverse proxy may pass the public name)."""
+
+    def __init__(self, bound_host: str, token_required: bool) -> None:
+        self.enabled = is_loopback(bound_host) and not token_required
+        self.names = LOOPBACK_HOSTS | {bound_host.strip("[]").lower()}
+
+    def allows(self, environ) -> bool:
+        if not self.enabled:
+            return True
+        header = environ.get("HTTP_HOST")
+        if header is None:  # every browser sends Host; a client without one is not a page
+            return True
+        return host_name(header) in self.names
+
+
 def _same_origin(environ) -> bool:
     """A browser always sends Origin on a WebSocket; it must name this host. Clients that send
     no Origin (curl, websocket-client with origin suppressed) are not browsers."""
@@ -327,13 +385,159 @@ class PageSocket(WebSocket):
             pass
 
 
-class _Handler(WebSocketHandler):
-    """pywsgi handler: authorizes before any WebSocket upgrade, uses `PageSocket`, and logs
-    neither query strings nor the environ."""
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
+
+class _Evicted(gevent.GreenletExit):
+    """Thrown into a connection's handler to close it and make room for a new one. A
+    GreenletExit, so wherever it lands the greenlet ends quietly."""
+
+
+class _Conn:
+    """One accepted connection as admission control sees it: `evictable` from the moment its
+    handler waits for a request until that request's head is in (see `_Handler`)."""
+
+    __slots__ = ("address", "greenlet", "evictable")
+
+    def __init__(self, address: str) -> None:
+        self.address, self.greenlet, self.evictable = address, None, False
+
+    def evict(self) -> None:
+        if self.greenlet is not None:
+            self.greenlet.kill(_Evicted, block=False)
+
+
+class Admission:
+    """The connection limits (see the module docstring). Runs in the accept loop on the hub:
+    every call is a few dict operations, never a wait."""
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total, self.per_address = total, per_address
+        self._conns: dict[_Conn, None] = {}  # in accept order: the first found is the oldest
+        self._per_address: collections.Counter[str] = collections.Counter()
+        self.refused = self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def held(self, address: str) -> tuple[int, int]:
+        """(connections, evictable ones) from this client address."""
+        evictable = sum(1 for c in self._conns if c.evictable and c.address == address)
+        return self._per_address[address], evictable
+
+    def admit(self, address: str) -> _Conn | None:
+        """A `_Conn` to serve, or None: close this socket at once."""
+        if self._per_address[address] >= self.per_address and not self._evict(address):
+            self.refused += 1
+            return None
+        if len(self._conns) >= self.total and not self._evict(None):
+            self.refused += 1
+            return None
+        conn = _Conn(address)
+        self._conns[conn] = None
+        self._per_address[address] += 1
+        return conn
+
+    def release(self, conn: _Conn | None) -> None:
+        """The connection is gone (closed, or evicted); a second call is a no-op."""
+        if conn is not None and self._conns.pop(conn, False) is None:
+            self._per_address[conn.address] -= 1
+            if not self._per_address[conn.address]:
+                del self._per_address[conn.address]
+
+    def _evict(self, address: str | None) -> bool:
+        for conn in self._conns:
+            if conn.evictable and (address is None or conn.address == address):
+                self.release(conn)
+                conn.evict()
+                self.evicted += 1
+                return True
+        return False
+
+
+class _QuietLog:
+    """gevent-websocket's logger for our handler: what it reports (bad handshakes) is the
+    client's doing, so it goes to DEBUG, like the rest of the pre-auth noise."""
+
+    def debug(self, msg, *args, **kw):
+        log.debug("status websocket: " + str(msg), *args)
+
+    info = warning = error = debug
+
+
+class _Handler(WebSocketHandler):
+    """pywsgi handler: the idle and read timeouts, authorizes before any WebSocket upgrade, uses
+    `PageSocket`, logs neither query strings nor the environ, and keeps client noise at DEBUG."""
+
+    conn: _Conn | None = None  # set by _Server.handle
+    _deadline: gevent.Timeout | None = None
+
+    # timeouts ----------------------------------------------------------------------------
+    def handle_one_request(self):
+        # Evictable until the request's head is in (`get_environ`): a request that arrives at
+        # once is read without a switch, so only idle or trickling connections are ever evicted.
+        self._evictable(True)
+        deadline = None
+        try:
+            if not self._await_request():
+                return None
+            deadline = self._deadline = gevent.Timeout(self.server.read_timeout_s)
+            deadline.start()
+            return super().handle_one_request()
+        except gevent.Timeout as t:  # raised while the request line or headers trickled in
+            if t is not deadline:
+                raise
+            self._noise("request not complete within the read timeout")
+            return None
+        except _Evicted:
+            self._noise("closed to make room (no complete request)")
+            return None
+        finally:
+            self._evictable(False)
+            if deadline is not None:
+                deadline.close()
+                self._deadline = None
+
+    def _await_request(self) -> bool:
+        """Wait up to the idle timeout for the first byte of the next request. False: the peer
+        closed or sent nothing in time; the connection ends."""
+        rfile = self.rfile
+        if rfile is None or rfile.closed:
+            return False
+        try:
+            with gevent.Timeout(self.server.idle_timeout_s, False):
+                return bool(rfile.peek(1))
+            self._noise("idle timeout")
+            return False
+        except OSError:
+            return False
+
+    def _evictable(self, flag: bool) -> None:
+        if self.conn is not None:
+            self.conn.evictable = flag
+
+    def get_environ(self):
+        self._evictable(False)  # the head is in: from here on the request is being answered
+        environ = super().get_environ()
+        chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+        if self.content_length or chunked:
+            # Nothing here takes a body: answer without reading it, then close. (pywsgi would
+            # read and discard it after the answer, however large or slow it is.)
+            self.close_connection = True
+            self.wsgi_input = pywsgi.Input(self.rfile, 0)
+            environ["wsgi.input"] = self.wsgi_input
+        return environ
+
+    def run_websocket(self):
+        # Upgraded: the page socket lives as long as the page (it has its own send timeout).
+        if self._deadline is not None:
+            self._deadline.close()
+        return super().run_websocket()
+
+    # WebSocket ---------------------------------------------------------------------------
     def run_application(self):
         if not self.application.may_upgrade(self.environ):
-            # Answer as plain HTTP: the app replies 401 / 403 / 404 without upgrading.
+            # Answer as plain HTTP: the app replies 401 / 403 / 404 / 421 without upgrading.
             return pywsgi.WSGIHandler.run_application(self)
         return super().run_application()
 
@@ -351,16 +555,76 @@ class _Handler(WebSocketHandler):
             self.environ["wsgi.websocket"] = self.websocket
         return result
 
+    @property
+    def logger(self):
+        return _QUIET_LOG
+
+    # logging -----------------------------------------------------------------------------
     def log_request(self):
-        path = (self.environ or {}).get("PATH_INFO", "?")
-        log.debug("status request path=%s status=%s", path, getattr(self, "code", None))
+        if not self.environ:  # no request was parsed: `_noise` has said why
+            return
+        log.debug("status request path=%s status=%s", self.environ.get("PATH_INFO", "?"),
+                  getattr(self, "code", None))
+
+    def _noise(self, why: str) -> None:
+        address = self.client_address[0] if isinstance(self.client_address, tuple) else "?"
+        log.debug("status connection closed from=%s why=%s", address, why)
+
+    def _handle_client_error(self, ex):
+        # A bad request line or header (junk, a TLS handshake to this plain port): one DEBUG
+        # line without the bytes (gevent's own message quotes them, and they may hold a token).
+        self.close_connection = True
+        self._noise(f"bad request ({type(ex).__name__})")
+        return ("400", _BAD_REQUEST)
+
+    def log_error(self, msg, *args):
+        self._noise("client error")  # gevent's other client-side complaints; same rule
 
     def handle_error(self, t, v, tb):
-        if issubclass(t, gevent.GreenletExit):  # the server stopping: not an error
+        if issubclass(t, gevent.GreenletExit):
+            # the server stopping, or an eviction that landed after the head was in: not an error
+            self.close_connection = True
+            return
+        if v is not None and v is self._deadline:  # the answer could not be sent in time
+            self.close_connection = True
+            self._noise("answer not sent within the read timeout")
             return
         log.error("status request failed path=%s error=%s",
                   (self.environ or {}).get("PATH_INFO", "?"), t.__name__)
         self._send_error_response_if_possible(500)
+
+
+_QUIET_LOG = _QuietLog()
+
+
+class _Server(pywsgi.WSGIServer):
+    """pywsgi's server with admission control in the accept loop (see `Admission`)."""
+
+    def __init__(self, *args, admission: Admission, idle_timeout_s: float,
+                 read_timeout_s: float, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.admission = admission
+        self.idle_timeout_s = idle_timeout_s
+        self.read_timeout_s = read_timeout_s
+
+    def do_handle(self, sock, address):
+        host = address[0] if isinstance(address, tuple) else str(address)
+        conn = self.admission.admit(host)
+        if conn is None:
+            log.debug("status connection refused from=%s why=connection limit", host)
+            sock.close()
+            return
+        super().do_handle(sock, address, conn)
+
+    def handle(self, sock, address, conn=None):
+        try:
+            if conn is not None:
+                conn.greenlet = gevent.getcurrent()
+            handler = self.handler_class(sock, address, self)
+            handler.conn = conn
+            handler.handle()
+        finally:
+            self.admission.release(conn)
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -387,11 +651,15 @@ _PAGE_HEADERS = [
 
 class StatusServer:
     """`StatusServer(gateway, status_config).start()`; `.stop()` is idempotent. With port 0 the
-    bound port is in `.port` after start; `.url` is the page's address (without the token)."""
+    bound port is in `.port` after start; `.url` is the page's address (without the token).
+    The limits and timeouts default to the module's constants; tests pass small ones."""
 
     routes = ("/", "/healthz", "/metrics", "/ws")
 
-    def __init__(self, gateway, config, *, push_interval_s: float = 1.0) -> None:
+    def __init__(self, gateway, config, *, push_interval_s: float = 1.0,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S, read_timeout_s: float = READ_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS) -> None:
         self.gateway = gateway
         self.host = config.host
         self.port = config.port
@@ -399,7 +667,11 @@ class StatusServer:
         self._token = TokenCheck(token or None)
         if token:
             REDACTOR.add([token])
+        self._host = HostCheck(self.host, self._token.required)
         self.push_interval_s = push_interval_s
+        self.idle_timeout_s = idle_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.admission = Admission(max_connections, max_connections_per_address)
         self.errors = RecentErrors()
         self._server: pywsgi.WSGIServer | None = None
         self._sockets: set[PageSocket] = set()
@@ -418,9 +690,13 @@ class StatusServer:
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> "StatusServer":
         self._page = PAGE_PATH.read_bytes()
-        server = pywsgi.WSGIServer((self.host, self.port), self, handler_class=_Handler,
-                                   spawn=gevent.pool.Pool(MAX_CONNECTIONS), log=None,
-                                   error_log=log)
+        # The pool is only a backstop (admission keeps it far from full): a full pool would
+        # stop the accept loop and leave new connections waiting in the backlog.
+        server = _Server((self.host, self.port), self, handler_class=_Handler,
+                         spawn=gevent.pool.Pool(2 * self.admission.total), log=None,
+                         error_log=pywsgi.LoggingLogAdapter(log, logging.DEBUG),
+                         admission=self.admission, idle_timeout_s=self.idle_timeout_s,
+                         read_timeout_s=self.read_timeout_s)
         try:
             server.start()
         except OSError as e:
@@ -450,11 +726,17 @@ class StatusServer:
     # WSGI ----------------------------------------------------------------------------------
     def may_upgrade(self, environ) -> bool:
         """Called by the handler before a WebSocket handshake."""
-        return (environ.get("PATH_INFO") == "/ws" and self._token.allows(environ)
-                and _same_origin(environ) and len(self._sockets) < MAX_PAGE_SOCKETS)
+        return (environ.get("PATH_INFO") == "/ws" and self._host.allows(environ)
+                and self._token.allows(environ) and _same_origin(environ)
+                and len(self._sockets) < MAX_PAGE_SOCKETS)
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
+        if not self._host.allows(environ):  # first: a rebinding page learns nothing, not even 404
+            log.info("status refused a request for another host path=%s", path[:100])
+            start_response("421 Misdirected Request", [("Content-Length", "0"),
+                                                       ("Cache-Control", "no-store")])
+            return []
         if path not in self.routes:
             return _json_response(start_response, "404 Not Found", {"error": "not found"})
         if not self._token.allows(environ):

@@ -67,7 +67,7 @@ def make_env(tmp_path):
     made: list = []
 
     def make(*, token: str | None = None, platforms: int = 1, hub: HubWatch | None = None,
-             push_interval_s: float = 1.0) -> Env:
+             push_interval_s: float = 1.0, host: str = "127.0.0.1", **server_kw) -> Env:
         fakes = {"testchat": FakeTestChat().start()}
         extra = {}
         for i in range(2, platforms + 1):
@@ -80,8 +80,8 @@ def make_env(tmp_path):
         for name in extra:
             wait_until(lambda: name in gw.adapters and gw.adapters[name].ready.is_set(),
                        what=f"{name} connected")
-        cfg = StatusConfig(port=0, token=SecretStr(token) if token else None)
-        server = StatusServer(gw, cfg, push_interval_s=push_interval_s).start()
+        cfg = StatusConfig(host=host, port=0, token=SecretStr(token) if token else None)
+        server = StatusServer(gw, cfg, push_interval_s=push_interval_s, **server_kw).start()
         gw.status_server = server
         env = Env(gw, fakes, server)
         made.append(env)
@@ -387,8 +387,8 @@ def test_stop_closes_page_sockets_and_is_idempotent(make_env):
 def test_raw_upgrade_without_key_does_not_break_server(make_env):
     env = make_env()
     s = socket.create_connection(("127.0.0.1", env.server.port), timeout=5)
-    s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-              b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+    s.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+              b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
               + base64.b64encode(b"short") + b"\r\n\r\n")
     assert s.recv(100).startswith(b"HTTP/1.1 400")
     s.close()
