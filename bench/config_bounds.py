@@ -1,4 +1,4 @@
-"""How long the config loader takes to refuse hostile YAML (the bounds in hermes_green/safe_yaml.py).
+"""How long the config loader takes to refuse hostile YAML (bounds: hermes_green/safe_yaml.py).
 
     python bench/config_bounds.py [--repeat 20]
 
@@ -25,7 +25,8 @@ INPUTS = {
     "alias_bomb_9x9": alias_bomb(),
     "deep_flow_nesting_100k": "gateway: " + "[" * 100_000 + "]" * 100_000 + "\n",
     "deep_block_nesting_400": "gateway:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 400)),
-    "few_aliases_many_values": "a: &a [" + ",".join(["1"] * 6000) + "]\nb: [" + ",".join(["*a"] * 10) + "]\n",
+    "few_aliases_many_values": ("a: &a [" + ",".join(["1"] * 6000) + "]\nb: ["
+                                + ",".join(["*a"] * 10) + "]\n"),
     "one_mib_comment": "gateway: {}\n# " + "x" * ((1 << 20) - 20) + "\n",
     "over_one_mib": "# " + "x" * (1 << 20) + "\n",
 }

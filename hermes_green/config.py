@@ -212,26 +212,16 @@ class _KeyPaths:
 
     def __call__(self, loc: tuple) -> str:
         parts, node = [], self.root
-        for i, part in enumerate(loc):
+        for part in loc:
             in_list = isinstance(node, yaml.SequenceNode)
-            node = self._child(node, part)
+            node, mark = safe_yaml.child(node, part)
             if _plain(part) or (in_list and isinstance(part, int)):
                 parts.append(str(part))
+            elif mark is not None:
+                parts.append(f"<key at line {mark.line + 1}, column {mark.column + 1}>")
             else:
-                parts.append(self.masked(loc[:i + 1]))
+                parts.append("<key>")
         return ".".join(parts) or "(top level)"
-
-    def masked(self, loc: tuple) -> str:
-        mark = safe_yaml.key_mark(self.root, loc)
-        return f"<key at line {mark.line + 1}, column {mark.column + 1}>" if mark else "<key>"
-
-    @staticmethod
-    def _child(node, part):
-        if isinstance(node, yaml.MappingNode):
-            return next((v for k, v in node.value if getattr(k, "value", None) == str(part)), None)
-        if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-            return node.value[part]
-        return None
 
 
 def _unknown_key_hint(loc: tuple) -> str:
@@ -277,7 +267,8 @@ def _safe_problem(problem: str | None) -> str:
 def parse_config(text: str, *, source: str = "<config>", env: dict[str, str] | None = None) -> Config:
     """Parse YAML text into a Config, or raise ConfigError with one clear line. The input is
     bounded (size, nesting, aliases: see safe_yaml) before anything walks it."""
-    if len(text) > safe_yaml.MAX_BYTES or len(text.encode("utf-8", "surrogatepass")) > safe_yaml.MAX_BYTES:
+    limit = safe_yaml.MAX_BYTES  # characters first: a huge string is not encoded to be measured
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
         raise ConfigError(f"{source}: larger than {safe_yaml.MAX_BYTES // 1024} KiB; a config "
                           f"file is a few KiB")
     try:

@@ -54,7 +54,8 @@ class BoundedLoader(yaml.SafeLoader):
             self._aliases += 1
             if self._aliases > MAX_ALIASES:
                 raise Refused(f"more than {MAX_ALIASES} aliases (a config needs a few)", mark)
-            node = super().compose_node(parent, index)  # the anchored node, or an undefined-alias error
+            # the anchored node (or PyYAML's error for an undefined alias)
+            node = super().compose_node(parent, index)
             size = self._sizes.get(id(node))
             if size is None:
                 raise Refused("an alias refers to a node that contains it", mark)
@@ -84,26 +85,13 @@ def load(text: str) -> tuple[Any, Node | None]:
         loader.dispose()
 
 
-def key_mark(node: Node | None, loc: tuple):
-    """The start mark of the key at `loc` (mapping keys and sequence indexes from the root),
-    or None when the path cannot be followed in the node tree."""
-    mark = None
-    for part in loc:
-        if isinstance(node, MappingNode):
-            for key_node, value_node in node.value:
-                if _same_key(key_node, part):
-                    mark, node = key_node.start_mark, value_node
-                    break
-            else:
-                return None
-        elif isinstance(node, SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-            node = node.value[part]
-            mark = node.start_mark
-        else:
-            return None
-    return mark
-
-
-def _same_key(key_node: Node, part: Any) -> bool:
-    value = getattr(key_node, "value", None)
-    return isinstance(value, str) and value == str(part)
+def child(node: Node | None, part: Any) -> tuple[Node | None, Any]:
+    """One step down a location (a mapping key or a sequence index): the child node and the
+    start mark of its key (of the item, in a sequence), or (None, None) when it is not there."""
+    if isinstance(node, MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node.value, str) and key_node.value == str(part):
+                return value_node, key_node.start_mark
+    elif isinstance(node, SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+        return node.value[part], node.value[part].start_mark
+    return None, None

@@ -278,7 +278,8 @@ def test_a_glued_key_is_located_and_explained():
     assert msg.startswith("platforms.wecom.<key at line 2, column 22>: unknown key (is a space "
                           "missing after 'secret:'? the rest of the key is not shown)"), msg
     msg = error_of(GLUED_CASES["pasted_key"])
-    assert msg == "platforms.wecom.<key at line 5, column 5>: unknown key (not shown: it may hold a secret)"
+    assert msg == ("platforms.wecom.<key at line 5, column 5>: unknown key (not shown: it may "
+                   "hold a secret)")
 
 
 def test_yaml_problems_do_not_quote_what_they_found():

@@ -81,15 +81,17 @@ def test_a_database_deleted_while_running_is_logged_and_degrades_healthz(tmp_pat
         data = tmp_path / "data"
         for name in (DB, f"{DB}-wal", f"{DB}-shm"):  # `rm -rf data/*` while it runs
             (data / name).unlink()
-        lost = wait_until(lambda: [r for r in caplog.records if "store file lost" in r.getMessage()],
-                          what="the lost file logged")
+        lost = wait_until(
+            lambda: [r for r in caplog.records if "store file lost" in r.getMessage()],
+            what="the lost file logged")
         assert len(lost) == 1 and lost[0].levelname == "ERROR"
         assert f"error={data / DB} was deleted while the gateway runs" in lost[0].getMessage()
         r = requests.get(healthz, timeout=5)
         assert r.status_code == 503
         doc = r.json()
         assert doc["status"] == "degraded"
-        assert doc["store"] == {"ok": False, "error": f"{data / DB} was deleted while the gateway runs"}
+        assert doc["store"] == {"ok": False,
+                                "error": f"{data / DB} was deleted while the gateway runs"}
         assert doc["platforms"]["testchat"]["state"] == "ready"  # the connection is not the problem
         assert not (data / DB).exists()  # and no checkpoint made an empty file in its place
     finally:
@@ -104,7 +106,8 @@ def test_the_first_checkpoint_runs_at_start(tmp_path, fake, monkeypatch):
         "import os, sys; sys.path.insert(0, sys.argv[2]); import hermes_green.runtime;"
         "from hermes_green.store import Store; from hermes_green.models import InboundMessage;"
         "s = Store(sys.argv[1]).open()\n"
-        "for i in range(300): s.journal_inbound(InboundMessage('testchat', f'm{i}', 'c', 'u', 'x' * 500))\n"
+        "for i in range(300):\n"
+        "    s.journal_inbound(InboundMessage('testchat', f'm{i}', 'c', 'u', 'x' * 500))\n"
         "os._exit(0)"), str(data), str(ROOT)], capture_output=True, text=True, timeout=30)
     assert crashed.returncode == 0, crashed.stderr
     assert (data / f"{DB}-wal").stat().st_size > 100_000  # the writes are in the WAL only
