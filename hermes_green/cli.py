@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("check", help="validate the config, try each platform's auth, the LLM "
                                      "and the tool modules; exit non-zero on any failure")
-    c.add_argument("--config", metavar="FILE", required=True)
+    c.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help="the config to check (may also come before the command)")
     c.add_argument("--full", action="store_true",
                    help="also open each connection and establish its session (for WeCom this "
                         "takes the bot over from a running gateway: use it before going live)")
@@ -36,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     ch = sub.add_parser("chat", help="talk to the configured agent from the terminal, through "
                                      "the same session path as the platforms")
-    ch.add_argument("--config", metavar="FILE", required=True)
+    ch.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                    help="the config to use (may also come before the command)")
     return p
 
 
@@ -48,7 +50,10 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command in ("check", "chat") and not args.config:
+        parser.error(f"{args.command} needs --config FILE")
     try:
         if args.command == "demo":
             from .demo import run_demo

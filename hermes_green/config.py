@@ -3,7 +3,10 @@
 Why pydantic: it gives us strict types, defaults, unknown-key rejection and a precise error
 location for free; what we add is the user-facing part: `${VAR}` substitution, error lines that
 name the key path (``platforms.wecom.bot_id: field required``), "did you mean" hints, YAML
-line/column, and the guarantee that a secret value never appears in a repr, a log or an error.
+line/column, and the guarantee that a secret value never appears in a repr, a log or an error:
+an error shows a key only when it is shaped like ours (a key such as `secret:abc123`, where a
+missing space glued the value on, is shown by its line and column). The YAML itself is bounded
+(size, nesting, aliases) by `safe_yaml` before anything walks it.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, create_model,
 
 from .platforms import registry
 from .platforms.botconfig import BackoffConfig, BotConfig, StrictModel
+
+from . import safe_yaml
 
 __all__ = [
     "ConfigError", "Config", "GatewayConfig", "StatusConfig", "AgentConfig", "ExecutorsConfig",
@@ -152,11 +157,12 @@ class Config(_Strict):
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
-def _substitute(node: Any, path: str, env: dict[str, str]) -> Any:
+def _substitute(node: Any, loc: tuple, env: dict[str, str], where) -> Any:
+    """`where(loc)` formats the key path for an error (see `_KeyPaths`)."""
     if isinstance(node, dict):
-        return {k: _substitute(v, f"{path}.{k}" if path else str(k), env) for k, v in node.items()}
+        return {k: _substitute(v, (*loc, k), env, where) for k, v in node.items()}
     if isinstance(node, list):
-        return [_substitute(v, f"{path}.{i}", env) for i, v in enumerate(node)]
+        return [_substitute(v, (*loc, i), env, where) for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
         def repl(m: re.Match) -> str:
             name, default = m.group(1), m.group(2)
@@ -164,7 +170,7 @@ def _substitute(node: Any, path: str, env: dict[str, str]) -> Any:
                 return env[name]
             if default is not None:
                 return default
-            raise ConfigError(f"{path}: environment variable {name} is not set "
+            raise ConfigError(f"{where(loc)}: environment variable {name} is not set "
                               f"(set it, or write ${{{name}:-default}})")
         return _VAR.sub(repl, node)
     return node
@@ -198,22 +204,64 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) else None
 
 
-def _describe(err: dict, single: frozenset[str] = frozenset()) -> str:
+# A key is shown in an error only when it is shaped like ours: short lowercase snake_case words
+# with few digits. Anything else may carry a secret: `secret:abc123` (no space after the colon,
+# so YAML reads one plain key), `Authorization=Bearer ...`, a token pasted in the key's place.
+_PLAIN_KEY = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
+_GLUE = re.compile(r"[:=]")
+
+
+def _plain(key: Any) -> bool:
+    return (isinstance(key, str) and len(key) <= 40 and _PLAIN_KEY.fullmatch(key) is not None
+            and sum(c.isdigit() for c in key) <= 2
+            and all(len(word) <= 16 for word in key.split("_")))
+
+
+class _KeyPaths:
+    """Formats a location (keys and list indexes from the top) for an error: plain keys as they
+    are, any other key masked as `<key at line L, column C>` (its place in the file, never its
+    text)."""
+
+    def __init__(self, root: yaml.Node | None) -> None:
+        self.root = root
+
+    def __call__(self, loc: tuple) -> str:
+        parts, node = [], self.root
+        for part in loc:
+            in_list = isinstance(node, yaml.SequenceNode)
+            node, mark = safe_yaml.child(node, part)
+            if _plain(part) or (in_list and isinstance(part, int)):
+                parts.append(str(part))
+            elif mark is not None:
+                parts.append(f"<key at line {mark.line + 1}, column {mark.column + 1}>")
+            else:
+                parts.append("<key>")
+        return ".".join(parts) or "(top level)"
+
+
+def _unknown_key_hint(loc: tuple) -> str:
+    key, model = loc[-1], _model_at(loc)
+    if _plain(key):
+        fields = list(model.model_fields) if model is not None else []
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+        return f" (did you mean '{close[0]}'?)" if close else ""
+    glue = _GLUE.search(key) if isinstance(key, str) else None
+    if glue is not None and _plain(head := key[:glue.start()].strip()):
+        return (f" (is a space missing after '{head}{glue.group(0)}'? the rest of the key is "
+                f"not shown)")
+    return " (not shown: it may hold a secret)"
+
+
+def _describe(err: dict, where: _KeyPaths, single: frozenset[str] = frozenset()) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     if len(loc) > 2 and loc[0] == "platforms" and loc[1] in single and loc[2] == 0:
         loc = loc[:2] + loc[3:]  # a platform written as one mapping: no list index to show
-    path = ".".join(str(p) for p in loc) or "(top level)"
+    path = where(loc)
     kind = err["type"]
     if kind == "missing":
         return f"{path}: field required"
     if kind == "extra_forbidden":
-        model = _model_at(loc)
-        hint = ""
-        if model is not None:
-            close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
-            if close:
-                hint = f" (did you mean '{close[0]}'?)"
-        return f"{path}: unknown key{hint}"
+        return f"{path}: unknown key{_unknown_key_hint(loc)}"
     # pydantic's messages describe the expectation, not the input value, so they carry no secret.
     msg = err["msg"]
     if msg.startswith("Value error, "):
@@ -221,14 +269,35 @@ def _describe(err: dict, single: frozenset[str] = frozenset()) -> str:
     return f"{path}: {msg[:1].lower()}{msg[1:]}"
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _safe_problem(problem: str | None) -> str:
+    """PyYAML's problem text quotes what it found (a character, an alias or tag name): keep short
+    or plain ones, mask the rest."""
+    def mask(m: re.Match) -> str:
+        inner = m.group(0)[1:-1]
+        return m.group(0) if len(inner) <= 4 or _plain(inner) else "'...'"
+    return _QUOTED.sub(mask, problem or "")
+
+
 def parse_config(text: str, *, source: str = "<config>", env: dict[str, str] | None = None) -> Config:
-    """Parse YAML text into a Config, or raise ConfigError with one clear line."""
+    """Parse YAML text into a Config, or raise ConfigError with one clear line. The input is
+    bounded (size, nesting, aliases: see safe_yaml) before anything walks it."""
+    limit = safe_yaml.MAX_BYTES  # characters first: a huge string is not encoded to be measured
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise ConfigError(f"{source}: larger than {safe_yaml.MAX_BYTES // 1024} KiB; a config "
+                          f"file is a few KiB")
     try:
-        raw = yaml.safe_load(text)
+        raw, root = safe_yaml.load(text)
+    except safe_yaml.Refused as e:
+        raise ConfigError(f"{source}: refused at line {e.mark.line + 1}, column "
+                          f"{e.mark.column + 1}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(f"{source}: invalid YAML at {where}: {e.problem or e.context}") from None
+        raise ConfigError(f"{source}: invalid YAML at {where}: "
+                          f"{_safe_problem(e.problem or e.context)}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: invalid YAML: {type(e).__name__}") from None
     if raw is None:
@@ -236,7 +305,8 @@ def parse_config(text: str, *, source: str = "<config>", env: dict[str, str] | N
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections "
                           f"(gateway, agent, executors, platforms)")
-    raw = _substitute(raw, "", dict(os.environ) if env is None else env)
+    where = _KeyPaths(root)
+    raw = _substitute(raw, (), dict(os.environ) if env is None else env, where)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
@@ -246,7 +316,7 @@ def parse_config(text: str, *, source: str = "<config>", env: dict[str, str] | N
         platforms = raw.get("platforms")
         single = frozenset(k for k, v in platforms.items() if isinstance(v, dict)) \
             if isinstance(platforms, dict) else frozenset()
-        first = _describe(errors[0], single)
+        first = _describe(errors[0], where, single)
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ConfigError(first + more) from None
 
@@ -254,9 +324,17 @@ def parse_config(text: str, *, source: str = "<config>", env: dict[str, str] | N
 def load_config(path: str | os.PathLike, *, env: dict[str, str] | None = None) -> Config:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:  # read one byte past the limit: /dev/zero or a growing file too
+            data = f.read(safe_yaml.MAX_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ConfigError(f"{p}: cannot read config file ({type(e).__name__})") from None
+    if len(data) > safe_yaml.MAX_BYTES:
+        raise ConfigError(f"{p}: larger than {safe_yaml.MAX_BYTES // 1024} KiB; a config file "
+                          f"is a few KiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: cannot read config file (not UTF-8)") from None
     return parse_config(text, source=str(p), env=env)

@@ -159,12 +159,23 @@ class Gateway:
                 self.sessions.submit(msg)
 
     def _checkpoint_loop(self) -> None:
+        """The first round runs at start: a WAL left by a crash is folded in at once, and a
+        file that cannot be checkpointed is reported now rather than in five seconds."""
         while True:
+            self._checkpoint_once()
             gevent.sleep(CHECKPOINT_INTERVAL_S)
-            try:
-                self.store.checkpoint()
-            except Exception as e:  # a failed checkpoint is retried next time; writes go on
-                log.warning("checkpoint failed error=%s", type(e).__name__)
+
+    def _checkpoint_once(self) -> None:
+        problem = self.store.verify_file()
+        if problem is not None:  # once; /healthz says degraded from now on (store.health())
+            log.error("store file lost error=%s (writes from now on are lost at restart; "
+                      "restore the file or restart)", problem)
+        if self.store.problem is not None:
+            return  # a checkpoint now would write into whatever file is at the path
+        try:
+            self.store.checkpoint()
+        except Exception as e:  # a failed checkpoint is retried next time; writes go on
+            log.warning("checkpoint failed error=%s", type(e).__name__)
 
     # -- supervision -------------------------------------------------------------------------
     def _supervise(self, name: str, cfg) -> None:

@@ -176,12 +176,16 @@ def health(gateway) -> dict[str, Any]:
         platforms[name] = {k: doc[k] for k in ("state", "connected_since", "reconnects",
                                                "last_error", "heartbeat_lateness_p99_ms")}
     hub = gateway.hub_watch
+    # A store that lost its file (store.health()) makes the gateway degraded, and says why.
+    store = _safe(gateway.store.health, {"ok": False, "error": "store unavailable"})
+    status = health_status(p["state"] for p in platforms.values())
     return {
-        "status": health_status(p["state"] for p in platforms.values()),
+        "status": "degraded" if status == "ok" and not store["ok"] else status,
         "platforms": platforms,
         "hub": {"lateness_p99_ms": round(hub.lateness_p99_ms(), 2) if hub else None,
                 "blocked_reports": hub.blocked_count if hub else 0},
         "outbox_pending": _safe(gateway.store.outbox_pending),
+        **({} if store["ok"] else {"store": store}),
     }
 
 

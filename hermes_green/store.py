@@ -17,6 +17,10 @@ without fsync on the hot path, so a write holds the hub for tens of microseconds
 (bench/store_write.py measures it). The one slow operation, the WAL checkpoint (it fsyncs), is
 taken off the hub: automatic checkpoints are off, and `checkpoint()` runs one in gevent's
 threadpool on its own connection (SQLite releases the GIL while it does I/O).
+
+What it cannot write it refuses at open (SQLite would open a read-only file read-only and say
+nothing until the first write); a file deleted or replaced while we run is noticed by
+`verify_file()` (the gateway calls it before each checkpoint) and reported by `health()`.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import logging
 import os
 import sqlite3
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -97,16 +102,24 @@ class Store:
         self.history_limit = history_limit
         self._clock = clock
         self._db: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        self.problem: str | None = None  # set when the file is lost under us (verify_file)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> "Store":
+        """Open (or create) the database and prove it can be written: SQLite opens a file it
+        may not write read-only without a word, and the gateway would then journal nothing.
+        The proof is a real write (BEGIN IMMEDIATE, a row in `meta`, COMMIT), which also needs
+        the -wal and -shm files beside it."""
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"gateway.data_dir: cannot create {self.data_dir} "
                              f"({e.strerror or type(e).__name__})") from None
         if not os.access(self.data_dir, os.W_OK | os.X_OK):
-            raise StoreError(f"gateway.data_dir: {self.data_dir} is not writable")
+            raise StoreError(f"gateway.data_dir: {self.data_dir} is not writable (SQLite "
+                             f"creates its -wal and -shm files there)")
+        db = None
         try:
             db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
             db.execute("PRAGMA journal_mode=WAL")
@@ -117,10 +130,18 @@ class Store:
             if ok != "ok":
                 raise sqlite3.DatabaseError(ok)
             self._migrate(db)
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path}: not a usable SQLite database ({e}); move it aside "
-                             f"to start fresh") from None
+            st = os.stat(self.path)
+        except sqlite3.Error as e:
+            if db is not None:
+                db.close()
+            raise StoreError(self._open_error(e)) from None
+        except BaseException:
+            if db is not None:
+                db.close()
+            raise
         self._db = db
+        self._identity = (st.st_dev, st.st_ino)
+        self.problem = None
         return self
 
     def _migrate(self, db: sqlite3.Connection) -> None:
@@ -141,10 +162,31 @@ class Store:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            # A real write at every open: a read-only file or directory is refused here, at start.
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('opened_at', ?)", (str(self._clock()),))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _open_error(self, e: sqlite3.Error) -> str:
+        """One line for a failed open: what cannot be written, or why the file is unusable."""
+        code = getattr(e, "sqlite_errorname", "") or ""
+        if code.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_IOERR",
+                            "SQLITE_FULL", "SQLITE_AUTH")):
+            return f"{self.path}: cannot write the database ({self._unwritable(e)})"
+        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return (f"{self.path}: locked by another process for more than 5 s (another "
+                    f"gateway on the same data_dir?)")
+        return f"{self.path}: not a usable SQLite database ({e}); move it aside to start fresh"
+
+    def _unwritable(self, e: sqlite3.Error) -> str:
+        for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            if os.path.lexists(p) and not os.path.isfile(p):
+                return f"{p.name} is not a regular file"
+            if os.path.exists(p) and not os.access(p, os.R_OK | os.W_OK):
+                return f"{p.name} is read-only"
+        return str(e)
 
     def close(self) -> None:
         if self._db is not None:
@@ -155,6 +197,29 @@ class Store:
             self._db.close()
             self._db = None
 
+    # -- the file under us -------------------------------------------------------------------
+    def verify_file(self) -> str | None:
+        """Is the file we opened still the one at our path? Deleted or replaced while we run,
+        every later write goes to a file nothing will open again (the next start creates an
+        empty one). Returns the problem when first found (the caller logs it), else None; the
+        store stays unhealthy (see health()) until reopened."""
+        if self.problem is not None or self._db is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self.problem = f"{self.path} was deleted while the gateway runs"
+        except OSError as e:
+            self.problem = f"{self.path} cannot be read ({e.strerror or type(e).__name__})"
+        else:
+            if (st.st_dev, st.st_ino) != self._identity:
+                self.problem = f"{self.path} was replaced by another file while the gateway runs"
+        return self.problem
+
+    def health(self) -> dict:
+        """For /healthz: ok while the file we write is the one at our path."""
+        return {"ok": self.problem is None, "error": self.problem}
+
     def checkpoint(self) -> int:
         """Copy the WAL into the database file from a threadpool thread, so the fsync never
         holds the hub. Returns the number of WAL frames checkpointed."""
@@ -162,7 +227,9 @@ class Store:
         return gevent.get_hub().threadpool.apply(self._checkpoint_blocking)
 
     def _checkpoint_blocking(self) -> int:
-        db = sqlite3.connect(self.path, isolation_level=None, timeout=1.0)
+        # mode=rw: never create an empty database where ours was deleted
+        uri = f"file:{urllib.parse.quote(str(self.path))}?mode=rw"
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=1.0)
         try:
             busy, log_frames, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             return done

@@ -1,5 +1,7 @@
 """Config errors name the key path and what was expected, never show a secret, and reach the
 user as one line with exit code 2 through the real entry point."""
+import time
+
 import pytest
 
 from hermes_green.config import ConfigError, parse_config
@@ -149,3 +151,137 @@ def test_cli_status_port_in_use_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("hermes-green: gateway.status:")
+
+
+# --- hostile input: bounded, one line, exit 2, nothing echoed ------------------------------
+
+GLUED = "Zq8xV3kLmN0pQ7rTw2Ye"  # the secret that lost the space after its key's colon
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """"Billion laughs": 9 anchors each listing the previous one 9 times, 9**9 strings."""
+    lines = ["a0: &a0 [" + ",".join(['"lol"'] * width) + "]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def run_bounded_cli(*args: str, timeout: float = 10.0):
+    """The real CLI, its address space capped at 1 GiB: before the bounds existed an alias bomb
+    grew by gigabytes, and this keeps such a run from taking the machine with it."""
+    import resource
+    import subprocess
+    import sys
+    from tests.support import BIN, ROOT
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    started = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, BIN, *args], capture_output=True, text=True,
+                                timeout=timeout, preexec_fn=cap, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hermes-green {' '.join(args)} still running after {timeout:.0f}s")
+    return result, time.monotonic() - started
+
+
+def assert_one_line_exit_2(result, *expected: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert result.stdout == ""
+    for part in expected:
+        assert part in lines[0], lines[0]
+    return lines[0]
+
+
+HOSTILE = {
+    "deep_flow_nesting": ("gateway: " + "[" * 3000 + "]" * 3000 + "\n",
+                          "refused at line 1, column 29: nested deeper than 20 levels"),
+    "deep_block_nesting": ("gateway:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 400)),
+                           "refused at line 20, column 39: nested deeper than 20 levels"),
+    "self_alias": ("gateway: &g {status: *g}\n", "an alias refers to a node that contains it"),
+    "few_aliases_many_values": (
+        "a: &a [" + ",".join(["1"] * 6000) + "]\nb: [" + ",".join(["*a"] * 10) + "]\n",
+        "more than 50000 values with aliases expanded"),
+}
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_yaml_is_refused_in_one_line_with_exit_2(tmp_path, case, command):
+    text, expected = HOSTILE[case]
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    args = ("--config", str(path)) + (("check",) if command == "check" else ())
+    result, took = run_bounded_cli(*args)
+    line = assert_one_line_exit_2(result, expected)
+    assert line.startswith(f"hermes-green: {path}: "), line
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_an_alias_bomb_is_refused_in_under_a_second(tmp_path, command):
+    path = tmp_path / "config.yaml"
+    path.write_text(alias_bomb())
+    args = ("--config", str(path)) + (("check",) if command == "check" else ())
+    result, took = run_bounded_cli(*args)  # fails the test if still running after 10 s
+    assert_one_line_exit_2(result, "refused at line 3, column 38: more than 16 aliases")
+    # The whole process, interpreter start included, ends in well under a second (about 0.3 s
+    # here); bench/config_bounds.py times the parse alone. Before the bound: minutes, gigabytes.
+    print(f"alias bomb refused by `{command}` in {took:.2f}s")
+
+
+def test_a_config_file_over_the_size_limit_is_refused_unread(tmp_path):
+    path = tmp_path / "config.yaml"
+    with path.open("w") as f:
+        f.write("gateway:\n  data_dir: ./d\n# " + "x" * (1 << 20) + "\n")
+    result, _ = run_bounded_cli("--config", str(path), "check")
+    assert_one_line_exit_2(result, "larger than 1024 KiB")
+
+
+def test_a_few_aliases_still_work():
+    backoff = "{initial_s: 2, max_s: 30}"
+    cfg = parse_config(
+        "platforms:\n"
+        f"  wecom: {{bot_id: b, secret: s, backoff: &bo {backoff}}}\n"
+        "  qqbot: {app_id: '1', client_secret: s, backoff: *bo}\n", env={})
+    assert cfg.platforms.qqbot[0].backoff.initial_s == 2.0 and cfg.platforms.wecom[0].backoff.max_s == 30
+
+
+GLUED_CASES = {
+    # `{..., secret:X}`: in a flow mapping, YAML reads `secret:X` as one key with no value.
+    "flow": "platforms:\n  wecom: {bot_id: b, secret:" + GLUED + "}\n",
+    # a trailing colon makes the glued text a block key
+    "block": "platforms:\n  wecom:\n    bot_id: b\n    secret:" + GLUED + ":\n",
+    "header": "agent:\n  extra_headers: {Authorization:Bearer-" + GLUED + ": 1}\n",
+    "equals": "platforms:\n  wecom: {bot_id: b, secret: s, 'client_secret=" + GLUED + "': 1}\n",
+    "pasted_key": "platforms:\n  wecom:\n    bot_id: b\n    secret: s\n    " + GLUED + ": 1\n",
+    "hex_key": "gateway: {deadbeef0123456789abcdef: 1}\n",
+    "env_in_glued_key": "gateway: {'x:" + GLUED + "': '${HG_TEST_UNSET_VAR}'}\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(GLUED_CASES))
+def test_a_secret_glued_to_its_key_is_never_printed(tmp_path, case):
+    path = tmp_path / "config.yaml"
+    path.write_text(GLUED_CASES[case])
+    for args in (("--config", str(path), "check"), ("--config", str(path))):
+        result, _ = run_bounded_cli(*args)
+        line = assert_one_line_exit_2(result, "<key at line ")
+        assert GLUED not in result.stdout + result.stderr
+        assert "deadbeef" not in line and "Bearer" not in line
+
+
+def test_a_glued_key_is_located_and_explained():
+    msg = error_of(GLUED_CASES["flow"])
+    assert msg.startswith("platforms.wecom.<key at line 2, column 22>: unknown key (is a space "
+                          "missing after 'secret:'? the rest of the key is not shown)"), msg
+    msg = error_of(GLUED_CASES["pasted_key"])
+    assert msg == ("platforms.wecom.<key at line 5, column 5>: unknown key (not shown: it may "
+                   "hold a secret)")
+
+
+def test_yaml_problems_do_not_quote_what_they_found():
+    msg = error_of("gateway: *" + GLUED + "\n")
+    assert msg == "<config>: invalid YAML at line 1, column 10: found undefined alias '...'"

@@ -1,9 +1,15 @@
 """The SQLite store on a real file: de-duplication, one-transaction turn ends, outbox retries,
-bounded history, recovery lists, and clear errors for unusable files."""
+bounded history, recovery lists, clear errors for files it cannot use or write, and a file
+lost while open noticed."""
+import os
+import sqlite3
+from pathlib import Path
+
 import pytest
 
 from hermes_green.models import Attachment, InboundMessage, OutboundMessage
 from hermes_green.store import Store, StoreError
+from tests.readonly import immutable, read_only_mount
 
 
 @pytest.fixture
@@ -127,3 +133,69 @@ def test_checkpoint_runs_off_the_hub_and_keeps_data(data_dir):
     s2 = Store(data_dir).open()
     assert s2.journal_inbound(msg("m199")) is False
     s2.close()
+
+
+# --- what it cannot write, and a file lost under it -----------------------------------------
+
+def made(data_dir) -> Path:
+    """A real database file from a first run, closed."""
+    s = Store(data_dir).open()
+    s.journal_inbound(msg("m1"))
+    s.close()
+    return data_dir / "hermes-green.sqlite3"
+
+
+def test_a_read_only_database_file_is_refused_at_open(data_dir):
+    # Immutable: read-only even for root (tests run as root; see tests/readonly.py). SQLite
+    # opens such a file read-only without complaint; before the write probe, open() accepted it.
+    with immutable(made(data_dir)):
+        with pytest.raises(StoreError) as e:
+            Store(data_dir).open()
+    assert str(e.value) == (f"{data_dir / 'hermes-green.sqlite3'}: cannot write the database "
+                            "(hermes-green.sqlite3 is read-only)")
+
+
+def test_a_data_dir_on_a_read_only_mount_is_refused_at_open(data_dir):
+    made(data_dir)
+    with read_only_mount(data_dir) as mnt:
+        with pytest.raises(StoreError, match=f"gateway.data_dir: {mnt} is not writable"):
+            Store(mnt).open()
+
+
+def test_a_directory_in_place_of_the_database_file_is_refused(data_dir):
+    (data_dir / "hermes-green.sqlite3").mkdir()
+    with pytest.raises(StoreError) as e:
+        Store(data_dir).open()
+    assert str(e.value).endswith("cannot write the database (hermes-green.sqlite3 is not a "
+                                 "regular file)")
+
+
+def test_a_database_file_deleted_while_open_is_noticed(data_dir):
+    s = Store(data_dir).open()
+    assert s.verify_file() is None and s.health() == {"ok": True, "error": None}
+    for name in ("hermes-green.sqlite3", "hermes-green.sqlite3-wal", "hermes-green.sqlite3-shm"):
+        (data_dir / name).unlink()
+    problem = s.verify_file()
+    assert problem == f"{data_dir / 'hermes-green.sqlite3'} was deleted while the gateway runs"
+    assert s.health() == {"ok": False, "error": problem}
+    assert s.verify_file() is None  # reported once; health() keeps saying it
+    s.close()
+
+
+def test_a_database_file_replaced_while_open_is_noticed(data_dir, tmp_path):
+    s = Store(data_dir).open()
+    other = made(tmp_path / "other")
+    os.replace(other, data_dir / "hermes-green.sqlite3")
+    assert "was replaced by another file" in s.verify_file()
+    assert s.health()["ok"] is False
+    s.close()
+
+
+def test_the_checkpoint_never_creates_a_database_where_ours_was_deleted(data_dir):
+    s = Store(data_dir).open()
+    s.journal_inbound(msg("m1"))
+    (data_dir / "hermes-green.sqlite3").unlink()
+    with pytest.raises(sqlite3.OperationalError):
+        s.checkpoint()
+    assert not (data_dir / "hermes-green.sqlite3").exists()
+    s.close()
