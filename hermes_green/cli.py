@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 
+from . import __version__
 from .config import ConfigError, PlatformsConfig, load_config
 from .store import StoreError
 
@@ -23,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
                     "and QQ Bot whatever the agent is doing.",
         epilog="Run `hermes-green demo` first: it needs no credentials and no network.")
     p.add_argument("--config", metavar="FILE", help="run the gateway with this config")
+    p.add_argument("--version", action="version", version=f"hermes-green {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("check", help="validate the config, try each platform's auth, the LLM "
                                      "and the tool modules; exit non-zero on any failure")
