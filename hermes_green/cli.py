@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="talk to the configured agent from the terminal, through "
                                      "the same session path as the platforms")
     ch.add_argument("--config", metavar="FILE", required=True)
+    from .service_install import add_parser as add_service_parser
+    add_service_parser(sub)
     return p
 
 
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_check(load_config(args.config), full=args.full)
         if args.command == "chat":
             return run_chat(load_config(args.config))
+        if args.command == "service":
+            from . import service_install
+            return service_install.run(args)
         if args.config:
             return run_gateway(load_config(args.config))
     except (ConfigError, StoreError) as e:

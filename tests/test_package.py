@@ -62,7 +62,8 @@ def test_pip_install_gives_a_command_that_works_from_another_directory(installed
     assert (package / "static" / "status.html").is_file()  # package data came along
 
 
-def test_the_installed_command_patches_first_checks_a_config_and_fails_in_one_line(installed, tmp_path):
+def test_the_installed_command_patches_first_checks_a_config_and_fails_in_one_line(
+        installed, tmp_path):
     (tmp_path / "ok.yaml").write_text("gateway: {data_dir: ./data}\n")
     ok = run_installed(installed, tmp_path, "check", "--config", "ok.yaml")
     assert ok.returncode == 0, ok.stdout + ok.stderr
