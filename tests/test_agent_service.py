@@ -14,8 +14,8 @@ import requests
 from hermes_green.agent.service import conversation_id
 from hermes_green.config import Config, ConfigError, parse_config
 from hermes_green.gateway import Gateway
-from tests.fakes.fake_agent_service import (FakeAgentService, agent_error, answer, http_error,
-                                            is_path_unsafe, malformed, slow)
+from hermes_green.testing.fake_agent_service import (FakeAgentService, agent_error, answer,
+                                                     http_error, is_path_unsafe, malformed, slow)
 from tests.fakes.fake_testchat import FakeTestChat
 from tests.fakes import testchat_adapter
 from tests.support import run_cli, wait_until, write_config

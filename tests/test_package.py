@@ -1,6 +1,6 @@
 """The package: `pip install .` into a fresh venv gives a `hermes-green` command that works from
-any directory, with its package data; pyproject's dependencies are requirements.txt's runtime
-part; `--version` prints the version.
+any directory, with its package data, and runs the demo; pyproject's dependencies are
+requirements.txt's runtime part; `--version` prints the version.
 
 The venv is made from this interpreter and sees this environment's packages through a `.pth`
 file (`venv --system-site-packages` would show the base interpreter's, not this venv's), and
@@ -76,8 +76,6 @@ def test_the_installed_command_patches_first_checks_a_config_and_fails_in_one_li
         "hermes-green: gateway.busy_mode: input should be 'queue', 'interrupt' or 'merge'"]
 
 
-@pytest.mark.xfail(strict=True, reason="demo imports tests/ until the kit moves fakes into "
-                                       "hermes_green/testing")
 def test_the_installed_demo_runs_from_another_directory(installed, tmp_path):
     result = run_installed(installed, tmp_path, "demo", "--seconds", "3", timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

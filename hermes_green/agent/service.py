@@ -16,7 +16,7 @@ backend hands it each turn and lets it keep everything else:
   conversation only for a client that sends its API_SERVER_KEY (403 otherwise), so
   `agent.api_key` is required (config.py). Source: NousResearch/hermes-agent,
   gateway/platforms/api_server_openai_routes.py `_handle_chat_completions`; the fake that drives
-  our tests, tests/fakes/fake_agent_service.py, follows it.
+  our tests, hermes_green/testing/fake_agent_service.py, follows it.
 - The answer streams back as server-sent events; its text goes to the turn's progress callback
   as it arrives, exactly as with the builtin loop. Tool calls run inside the service (hermes-agent
   reports them as `hermes.tool.progress` events, which we skip).

@@ -47,9 +47,10 @@ from typing import Any, Union
 import gevent
 import gevent.event
 
-from tests.fakes.fake_llm import _GONE, FakeLLM, RecordedRequest, _drop, _Handler, _json
+from hermes_green.testing.fake_llm import (_GONE, FakeLLM, RecordedRequest, _drop, _Handler,
+                                           _json)
 
-log = logging.getLogger("tests.fakes.fake_agent_service")
+log = logging.getLogger("hermes_green.testing.fake_agent_service")
 
 MAX_SESSION_HEADER_LEN = 256  # APIServerAdapter._MAX_SESSION_HEADER_LEN
 
