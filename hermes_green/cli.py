@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 
+from . import __version__
 from .config import ConfigError, PlatformsConfig, load_config
 from .store import StoreError
 
@@ -23,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
                     "and QQ Bot whatever the agent is doing.",
         epilog="Run `hermes-green demo` first: it needs no credentials and no network.")
     p.add_argument("--config", metavar="FILE", help="run the gateway with this config")
+    p.add_argument("--version", action="version", version=f"hermes-green {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("check", help="validate the config, try each platform's auth, the LLM "
                                      "and the tool modules; exit non-zero on any failure")
@@ -39,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "the same session path as the platforms")
     ch.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                     help="the config to use (may also come before the command)")
+    from .service_install import add_parser as add_service_parser
+    add_service_parser(sub)
     return p
 
 
@@ -63,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_check(load_config(args.config), full=args.full)
         if args.command == "chat":
             return run_chat(load_config(args.config))
+        if args.command == "service":
+            from . import service_install
+            return service_install.run(args)
         if args.config:
             return run_gateway(load_config(args.config))
     except (ConfigError, StoreError) as e:

@@ -25,8 +25,9 @@ from .platforms.botconfig import BackoffConfig, BotConfig, StrictModel
 from . import safe_yaml
 
 __all__ = [
-    "ConfigError", "Config", "GatewayConfig", "StatusConfig", "AgentConfig", "ExecutorsConfig",
-    "PlatformsConfig", "BotConfig", "BotSection", "BackoffConfig", "load_config", "parse_config",
+    "ConfigError", "Config", "GatewayConfig", "StatusConfig", "AgentConfig", "AgentServiceConfig",
+    "ExecutorsConfig", "PlatformsConfig", "BotConfig", "BotSection", "BackoffConfig",
+    "load_config", "parse_config",
 ]
 
 
@@ -124,8 +125,30 @@ class GatewayConfig(_Strict):
     max_blocking_time_s: float = Field(0.1, gt=0)
 
 
+class AgentServiceConfig(_Strict):
+    """`agent.backend: service`: how our conversation id reaches the agent service."""
+    # hermes-agent's API server continues the session this header names (only for a client
+    # that sends its API_SERVER_KEY); other services may name theirs differently.
+    conversation_header: str = Field("X-Hermes-Session-Id", pattern=r"^[A-Za-z0-9-]{1,64}$")
+    # Mixed into every conversation id, so two gateways sharing one agent service never share
+    # a conversation because their chats happen to have equal ids.
+    namespace: str = ""
+
+
+# What `backend: service` changes in the defaults: hermes-agent's API server on its default
+# port and model alias; no tools or system prompt of ours (the service has its own); no
+# retries, since a retried message could run twice in an agent that acts on it.
+_SERVICE_DEFAULTS = {"base_url": "http://127.0.0.1:8642/v1", "model": "hermes-agent",
+                     "system_prompt": "", "tools": [], "max_retries": 0}
+
+
 class AgentConfig(_Strict):
-    """An OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, OpenRouter, ...)."""
+    """An OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, OpenRouter, ...), or with
+    `backend: service` a remote agent behind one (hermes-agent's API server)."""
+    # builtin: our loop with `tools`; service: only the new text and a stable conversation id
+    # are sent, and the service keeps history, tools and memory (hermes_green/agent/service.py).
+    backend: Literal["builtin", "service"] = "builtin"
+    service: AgentServiceConfig = Field(default_factory=AgentServiceConfig)
     base_url: str = "https://api.openai.com/v1"
     api_key: Optional[SecretStr] = None
     model: str = "gpt-4o-mini"
@@ -137,6 +160,23 @@ class AgentConfig(_Strict):
     max_history: int = Field(40, ge=0)
     tools: list[str] = Field(default_factory=lambda: ["hermes_green.agent.builtin_tools"])
     extra_headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _service_defaults(cls, data: Any) -> Any:
+        if not (isinstance(data, dict) and data.get("backend") == "service"):
+            return data
+        if data.get("tools"):
+            raise ValueError("tools are not used with backend: service (the agent service runs "
+                             "its own; remove agent.tools or use backend: builtin)")
+        return {**_SERVICE_DEFAULTS, **data}
+
+    @model_validator(mode="after")
+    def _service_needs_key(self) -> "AgentConfig":
+        if self.backend == "service" and self.api_key is None:
+            raise ValueError("backend: service needs api_key (hermes-agent continues a "
+                             "conversation only for a client with its API_SERVER_KEY)")
+        return self
 
 
 class ExecutorsConfig(_Strict):

@@ -185,6 +185,8 @@ class Gateway:
         while not self._stopping:
             adapter = self._factories[name](cfg, self.on_inbound,
                                             saved_state=BotState(self.store, name))
+            if adapter.bot_key != name:  # its messages would be routed to another bot's key
+                raise RuntimeError(f"adapter for {name!r} names itself {adapter.bot_key!r}")
             self.adapters[name] = adapter
             started = time.monotonic()
             try:

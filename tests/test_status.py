@@ -72,8 +72,10 @@ def make_env(tmp_path):
         extra = {}
         for i in range(2, platforms + 1):
             fake = fakes[f"testchat{i}"] = FakeTestChat().start()
-            extra[f"testchat{i}"] = (lambda f: lambda cfg, on_message, **kw: testchat_adapter.TestChatAdapter(
-                testchat_adapter.testchat_config(f.ws_url), on_message, **kw))(fake)
+            extra[f"testchat{i}"] = (lambda f, cls: lambda cfg, on_message, **kw: cls(
+                testchat_adapter.testchat_config(f.ws_url), on_message, **kw))(
+                fake, type(f"TestChat{i}", (testchat_adapter.TestChatAdapter,),
+                           {"name": f"testchat{i}"}))
         gw = start_inprocess_gateway(tmp_path, fakes["testchat"], GateAgent(),
                                      extra_factories=extra)
         gw.hub_watch = hub

@@ -211,8 +211,9 @@ class LLMClient:
     # -- one call -------------------------------------------------------------------------------
     def chat(self, messages: list[dict], *, tools: list[dict] | None = None,
              tool_choice: str | None = None, on_text: Callable[[str], None] | None = None,
-             extra: dict | None = None) -> Completion:
-        """Stream one completion. `on_text(text_so_far)` is called as text arrives.
+             extra: dict | None = None, headers: dict[str, str] | None = None) -> Completion:
+        """Stream one completion. `on_text(text_so_far)` is called as text arrives; `headers`
+        are added to this request only (an agent service's conversation id travels this way).
         Raises LLMError (a subclass says which) once retries are used up."""
         payload: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True}
         if tools:
@@ -220,6 +221,7 @@ class LLMClient:
             if tool_choice:
                 payload["tool_choice"] = tool_choice
         payload.update(extra or {})
+        request_headers = {**self._headers, **headers} if headers else self._headers
         deadline = time.monotonic() + self.timeout_s
         timer = gevent.Timeout(self.timeout_s)
         timer.start()
@@ -227,7 +229,7 @@ class LLMClient:
             attempt = 0
             while True:
                 try:
-                    completion = self._attempt(payload, on_text)
+                    completion = self._attempt(payload, on_text, request_headers)
                     completion.attempts = attempt + 1
                     return completion
                 except _Retryable as r:
@@ -252,9 +254,9 @@ class LLMClient:
         return random.uniform(0.5, 1.0) * min(self.backoff_max_s,
                                               self.backoff_base_s * (2 ** attempt))
 
-    def _attempt(self, payload: dict, on_text) -> Completion:
+    def _attempt(self, payload: dict, on_text, headers: dict[str, str]) -> Completion:
         try:
-            resp = self._session.post(self.url, json=payload, headers=self._headers, stream=True,
+            resp = self._session.post(self.url, json=payload, headers=headers, stream=True,
                                       timeout=(self.connect_timeout_s, self.read_timeout_s))
         except requests.ConnectionError as e:  # ConnectTimeout included
             raise _Retryable(LLMConnectionError(

@@ -32,8 +32,9 @@ TOO_MANY_ROUNDS_REPLY = "Sorry, this needed more tool steps than I am allowed to
 _KILL_TOOLS_TIMEOUT_S = 5.0
 
 
-def error_reply(error: LLMError) -> str:
-    return f"Sorry, I could not get an answer: {error.reason}. Please try again in a moment."
+def error_reply(error: LLMError, *, reason: str | None = None) -> str:
+    return (f"Sorry, I could not get an answer: {reason or error.reason}. "
+            "Please try again in a moment.")
 
 
 class _Progress:
@@ -179,10 +180,14 @@ def _assistant_message(completion: Completion) -> dict:
 
 
 def build_agent(config) -> Agent:
-    """The agent for a whole `Config`: EchoAgent without an `agent` section, else LLMAgent.
-    Raises ConfigError (one line) when a tool module cannot be imported."""
+    """The agent for a whole `Config`: EchoAgent without an `agent` section, ServiceAgent for
+    `agent.backend: service`, else LLMAgent. Raises ConfigError (one line) when a tool module
+    cannot be imported."""
     if config.agent is None:
         return EchoAgent()
+    if config.agent.backend == "service":
+        from .service import ServiceAgent  # a remote agent that keeps history, tools and memory
+        return ServiceAgent(config.agent)
     return LLMAgent(config.agent, config.executors)
 
 

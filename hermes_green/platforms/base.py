@@ -27,7 +27,7 @@ import gevent.event
 import gevent.pool
 
 from .. import metrics
-from ..models import InboundMessage, OutboundMessage
+from ..models import InboundMessage, OutboundMessage, bot_key
 from .kit import Backoff, spawn_owned
 
 log = logging.getLogger("hermes_green.platforms")
@@ -205,6 +205,10 @@ class PlatformAdapter:
     @property
     def labels(self) -> tuple[str, str]:
         return (self.name, self.bot_id)
+
+    @property
+    def bot_key(self) -> str:
+        return bot_key(self.name, self.bot_id)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def serve_once(self) -> None:
