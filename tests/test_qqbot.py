@@ -302,6 +302,106 @@ def test_fake_refuses_bad_identify_and_payloads(frame, code):
         fake.stop()
 
 
+# --- the fake against the official clients' expectations ----------------------------------------
+
+class BotpyLikeClient:
+    """Speaks the gateway as botpy/gateway.py does where it matters here: on op 7 or op 9 it
+    only takes note and waits for the SERVER to close the socket (it never closes itself)."""
+
+    def __init__(self, fake: FakeQQBotServer) -> None:
+        self.fake = fake
+        answer = requests.post(fake.token_url, json={"appId": fake.app_id,
+                                                     "clientSecret": fake.client_secret}, timeout=3)
+        self.token = answer.json()["access_token"]
+        self.ws = websocket.create_connection(fake.ws_url, timeout=3)
+        self.hello = json.loads(self.ws.recv())
+
+    def send(self, op: int, d) -> None:
+        self.ws.send(json.dumps({"op": op, "d": d}))
+
+    def identify(self) -> dict:
+        self.send(2, {"token": f"QQBot {self.token}", "intents": 1 << 25, "shard": [0, 1]})
+        return json.loads(self.ws.recv())
+
+    def frames_until_closed(self) -> list[dict]:
+        """Every frame until the server closes (a 3 s socket timeout fails the test)."""
+        frames = []
+        while True:
+            opcode, data = self.ws.recv_data(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return frames
+            frames.append(json.loads(data))
+
+
+@pytest.fixture
+def raw_fake():
+    fake = FakeQQBotServer(heartbeat_interval_ms=1000, heartbeat_deadline_s=30.0).start()
+    yield fake
+    fake.stop()
+
+
+def test_fake_hello_interval_is_an_integer_of_ms():
+    # The fleet passes 1.0 s * 1000 = 1000.0; the real Hello carries an int (botgo's
+    # WSHelloData.HeartbeatInterval is an int and would not decode 1000.0).
+    fake = FakeQQBotServer(heartbeat_interval_ms=1000.0, heartbeat_deadline_s=30.0).start()
+    try:
+        interval = BotpyLikeClient(fake).hello["d"]["heartbeat_interval"]
+        assert type(interval) is int and interval == 1000
+    finally:
+        fake.stop()
+
+
+@pytest.mark.parametrize("op", [7, 9])
+def test_fake_closes_the_socket_after_op7_and_op9(raw_fake, op):
+    client = BotpyLikeClient(raw_fake)
+    assert client.identify()["t"] == "READY"
+    raw_fake.send_op7() if op == 7 else raw_fake.send_op9()
+    assert [f["op"] for f in client.frames_until_closed()] == [op]
+    assert [d.reason for d in raw_fake.disconnects] == [f"op{op}"]
+
+
+def test_fake_answers_a_stale_resume_with_op9_and_closes(raw_fake):
+    client = BotpyLikeClient(raw_fake)
+    client.send(6, {"token": f"QQBot {client.token}", "session_id": "no-such-session", "seq": 0})
+    assert [f["op"] for f in client.frames_until_closed()] == [9]
+
+
+def test_fake_keeps_a_session_resumable_for_its_window_only(raw_fake):
+    raw_fake.resume_window_s = 0.5
+    first = BotpyLikeClient(raw_fake)
+    session_id = first.identify()["d"]["session_id"]
+    first.ws.close()
+    kept = raw_fake.send_user_message("while away, inside the window")
+    raw_fake.wait_for(lambda: raw_fake.disconnects)
+    inside = BotpyLikeClient(raw_fake)
+    inside.send(6, {"token": f"QQBot {inside.token}", "session_id": session_id, "seq": 1})
+    replayed = [json.loads(inside.ws.recv()) for _ in range(2)]
+    assert [(f.get("t"), (f.get("d") or {}).get("id")) for f in replayed] == [
+        ("C2C_MESSAGE_CREATE", kept), ("RESUMED", None)]
+    inside.ws.close()
+    gone_at = raw_fake.wait_for(lambda: len(raw_fake.disconnects) == 2
+                                and raw_fake.disconnects[-1].at)
+    # The gap itself is the input here: the client stays away longer than the window.
+    raw_fake.wait_for(lambda: time.monotonic() > gone_at + 0.6, timeout=3)
+    lost = raw_fake.send_user_message("while away, past the window")
+    late = BotpyLikeClient(raw_fake)
+    late.send(6, {"token": f"QQBot {late.token}", "session_id": session_id, "seq": 2})
+    assert [f["op"] for f in late.frames_until_closed()] == [9]
+    assert [d["id"] for _, d in raw_fake.lost_events] == [lost]
+    assert lost not in raw_fake.delivered_ids()
+
+
+def test_fake_serves_users_me_with_a_numeric_bot_id(raw_fake):
+    client = BotpyLikeClient(raw_fake)
+    me = requests.get(raw_fake.http_base + "/users/@me", timeout=3,
+                      headers={"Authorization": f"QQBot {client.token}"})
+    assert me.status_code == 200 and int(me.json()["id"]) > 0  # botpy: int(data["id"])
+    assert me.json()["id"] == client.identify()["d"]["user"]["id"]
+    refused = requests.get(raw_fake.http_base + "/users/@me", timeout=3,
+                           headers={"Authorization": "QQBot wrong"})
+    assert refused.status_code == 401
+
+
 # --- inbound -----------------------------------------------------------------------------------
 
 def test_c2c_and_group_messages_are_delivered_and_answered(make):
@@ -484,7 +584,8 @@ def test_op7_reconnects_and_resumes_at_once(make):
     h = ready(make())
     conn = current_conn(h)
     _fault_then_resume(h, h.fake.send_op7, "op7")
-    assert h.fake.conns[conn].closed.is_set()  # we closed the socket the server left open
+    # The server closed right behind op 7; the adapter acted on the op, not on the close.
+    assert [d.reason for d in h.fake.disconnects] == ["op7"]
     assert h.adapter.stats.reconnects["server_reconnect"] == 1
 
 
@@ -520,6 +621,8 @@ def test_op9_discards_session_and_identifies_fresh(make):
     new_conn, first_op, at = established_after(h, conn)
     MEASURED["op9"] = at - t0
     assert first_op == 2 and h.adapter.session_id not in (None, old_session)
+    assert [d.reason for d in h.fake.disconnects] == ["op9"]  # the server closed behind it
+    assert h.adapter.stats.reconnects["invalid_session"] == 1
     msg_id = h.fake.send_user_message("after op9")
     reply(h, delivered(h, msg_id))
     assert_answered_exactly_once(h, [msg_id])
