@@ -166,6 +166,7 @@ class Gateway:
             backoff = Backoff.from_config(cfg.backoff)
         while not self._stopping:
             adapter = self._factories[name](cfg, self.on_inbound)
+            adapter.saved_state = self.store.adapter_state(name)  # survives restarts
             self.adapters[name] = adapter
             started = time.monotonic()
             try:

@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS history (
     id INTEGER PRIMARY KEY AUTOINCREMENT, platform TEXT NOT NULL, chat_id TEXT NOT NULL,
     role TEXT NOT NULL, content TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS history_chat ON history (platform, chat_id, id);
+CREATE TABLE IF NOT EXISTS adapter_state (
+    platform TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (platform, key));
 """
 
 
@@ -260,6 +263,26 @@ class Store:
             " history WHERE platform=?1 AND chat_id=?2 ORDER BY id DESC LIMIT 1 OFFSET ?3)",
             (platform, chat_id, self.history_limit - 1))
 
+    # -- adapter state -----------------------------------------------------------------------
+    def adapter_state(self, platform: str) -> "AdapterState":
+        """The durable key-value state one adapter keeps across restarts (see AdapterState)."""
+        return AdapterState(self, platform)
+
+    def state_get(self, platform: str, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM adapter_state WHERE platform=? AND key=?",
+                              (platform, key)).fetchone()
+        return row[0] if row else None
+
+    def state_put(self, platform: str, key: str, value: str | None) -> None:
+        if value is None:
+            self.db.execute("DELETE FROM adapter_state WHERE platform=? AND key=?",
+                            (platform, key))
+        else:
+            self.db.execute(
+                "INSERT INTO adapter_state (platform, key, value, updated_at) VALUES (?,?,?,?)"
+                " ON CONFLICT (platform, key) DO UPDATE SET value=excluded.value,"
+                " updated_at=excluded.updated_at", (platform, key, value, self._clock()))
+
     # -- plumbing ----------------------------------------------------------------------------
     class _Tx:
         def __init__(self, db: sqlite3.Connection) -> None:
@@ -274,3 +297,19 @@ class Store:
 
     def _tx(self) -> "Store._Tx":
         return Store._Tx(self.db)
+
+
+class AdapterState:
+    """`adapter.saved_state` as the gateway hands it in: get(key) / put(key, value or None) on
+    one platform's rows of the `adapter_state` table, so adapters keep protocol state (QQ's
+    session id and last seq) across restarts without importing the store. Each put is one
+    autocommitted statement (WAL, synchronous=NORMAL: tens of microseconds on the hub)."""
+
+    def __init__(self, store: Store, platform: str) -> None:
+        self._store, self.platform = store, platform
+
+    def get(self, key: str) -> str | None:
+        return self._store.state_get(self.platform, key)
+
+    def put(self, key: str, value: str | None) -> None:
+        self._store.state_put(self.platform, key, value)

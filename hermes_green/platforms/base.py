@@ -211,6 +211,24 @@ class Waiters:
 
 # --- the contract ----------------------------------------------------------------------------
 
+class MemoryState:
+    """An adapter's saved state (`adapter.saved_state`) kept in memory: what an adapter has until
+    the gateway hands in its durable, store-backed one with the same two calls. Values are
+    strings; putting None deletes. For what must survive a restart (QQ's session and seq)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, str] = {}
+
+    def get(self, key: str) -> str | None:
+        return self._values.get(key)
+
+    def put(self, key: str, value: str | None) -> None:
+        if value is None:
+            self._values.pop(key, None)
+        else:
+            self._values[key] = value
+
+
 InboundHandler = Callable[[InboundMessage], bool]  # True: new, journaled; False: skip (dup, refused)
 
 
@@ -229,6 +247,7 @@ class PlatformAdapter:
         self.ready = gevent.event.Event()
         self._stopping = False
         self._allow = frozenset(getattr(config, "allow_from", ()) or ())
+        self.saved_state = MemoryState()  # the gateway sets a durable one before run()
 
     # lifecycle
     def run(self) -> None:
