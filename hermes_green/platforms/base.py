@@ -326,6 +326,9 @@ class LongConnectionAdapter(PlatformAdapter):
     session_timeout_s: float | None = 20.0
     max_unanswered_beats: int = 2  # this many beats without an answer -> zombie
     silence_timeout_s: float | None = None  # nothing at all received for this long -> zombie
+    # False: leave by cutting the TCP connection, without a close frame (for protocols whose
+    # servers end a resumable session on a normal close but keep it after a cut).
+    close_frame_on_leave: bool = True
 
     def __init__(self, config, on_message: InboundHandler, **kw) -> None:
         super().__init__(config, on_message, **kw)
@@ -526,7 +529,7 @@ class LongConnectionAdapter(PlatformAdapter):
         self._heartbeat = None
         if ws is not None:
             try:
-                if ws.connected:
+                if ws.connected and self.close_frame_on_leave:
                     ws.send_close()
             except Exception:  # the socket may already be half gone; we are leaving anyway
                 pass
