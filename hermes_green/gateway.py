@@ -58,17 +58,6 @@ def adapter_class(platform: str) -> type[PlatformAdapter]:
     return registry.adapter_class(platform)
 
 
-class BotState:
-    """A bot's SavedState (resume cursors), kept in the gateway's store."""
-
-    def __init__(self, store: Store, bot: str) -> None:
-        self._store, self._bot = store, bot
-
-    def get(self, key: str):
-        return self._store.bot_state_get(self._bot, key)
-
-    def put(self, key: str, value) -> None:
-        self._store.bot_state_put(self._bot, key, value)
 
 
 def turn_text(messages: list[InboundMessage]) -> str:
@@ -184,7 +173,7 @@ class Gateway:
             backoff = Backoff.from_config(cfg.backoff)
         while not self._stopping:
             adapter = self._factories[name](cfg, self.on_inbound,
-                                            saved_state=BotState(self.store, name))
+                                            saved_state=self.store.adapter_state(name))
             if adapter.bot_key != name:  # its messages would be routed to another bot's key
                 raise RuntimeError(f"adapter for {name!r} names itself {adapter.bot_key!r}")
             self.adapters[name] = adapter

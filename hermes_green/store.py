@@ -68,7 +68,7 @@ CREATE TABLE IF NOT EXISTS history (
     id INTEGER PRIMARY KEY AUTOINCREMENT, bot TEXT NOT NULL, chat_id TEXT NOT NULL,
     role TEXT NOT NULL, content TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS history_chat ON history (bot, chat_id, id);
-CREATE TABLE IF NOT EXISTS bot_state (
+CREATE TABLE IF NOT EXISTS adapter_state (
     bot TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (bot, key));
 """
@@ -351,14 +351,23 @@ class Store:
             "SELECT DISTINCT bot FROM outbox WHERE state='pending'")]
 
     # -- a bot's saved state (resume cursors) ------------------------------------------------
-    def bot_state_get(self, bot: str, key: str):
-        row = self.db.execute("SELECT value FROM bot_state WHERE bot=? AND key=?",
-                              (bot, key)).fetchone()
-        return json.loads(row[0]) if row else None
+    def adapter_state(self, bot: str) -> "AdapterState":
+        """The durable key-value state one bot's adapter keeps across restarts."""
+        return AdapterState(self, bot)
 
-    def bot_state_put(self, bot: str, key: str, value) -> None:
-        self.db.execute("INSERT OR REPLACE INTO bot_state VALUES (?, ?, ?, ?)",
-                        (bot, key, json.dumps(value), self._clock()))
+    def state_get(self, bot: str, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM adapter_state WHERE bot=? AND key=?",
+                              (bot, key)).fetchone()
+        return row[0] if row else None
+
+    def state_put(self, bot: str, key: str, value: str | None) -> None:
+        if value is None:
+            self.db.execute("DELETE FROM adapter_state WHERE bot=? AND key=?", (bot, key))
+        else:
+            self.db.execute(
+                "INSERT INTO adapter_state (bot, key, value, updated_at) VALUES (?,?,?,?)"
+                " ON CONFLICT (bot, key) DO UPDATE SET value=excluded.value,"
+                " updated_at=excluded.updated_at", (bot, key, value, self._clock()))
 
     # -- history -----------------------------------------------------------------------------
     def history(self, bot: str, chat_id: str, limit: int) -> list[dict]:
@@ -393,3 +402,19 @@ class Store:
 
     def _tx(self) -> "Store._Tx":
         return Store._Tx(self.db)
+
+
+class AdapterState:
+    """`adapter.saved_state` as the gateway hands it in: get(key) / put(key, value or None) on
+    one bot's rows of the `adapter_state` table, so adapters keep protocol state (a session id
+    and last sequence) across restarts without importing the store. Each put is one
+    autocommitted statement (WAL, synchronous=NORMAL: tens of microseconds on the hub)."""
+
+    def __init__(self, store: Store, bot: str) -> None:
+        self._store, self.bot = store, bot
+
+    def get(self, key: str) -> str | None:
+        return self._store.state_get(self.bot, key)
+
+    def put(self, key: str, value: str | None) -> None:
+        self._store.state_put(self.bot, key, value)

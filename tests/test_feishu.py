@@ -460,6 +460,52 @@ def test_fake_drops_a_client_that_does_not_ping_in_time(new_fake):
     assert err.value.resp_headers["handshake-status"] == "514"
 
 
+@pytest.mark.parametrize("given, sent", [(120.0, 120), (1.0, 1), (10, 10)])
+def test_fake_client_config_carries_whole_seconds_as_integers(new_fake, given, sent):
+    server = new_fake(ping_interval_s=given)
+    ws, _ = _raw_connect(server)
+    ws.send_binary(_ping(server))
+    pong = Frame()
+    pong.ParseFromString(ws.recv())
+    endpoint = requests.post(server.http_base + "/callback/ws/endpoint", timeout=3, json={
+        "AppID": server.app_id, "AppSecret": server.app_secret}).json()["data"]["ClientConfig"]
+    for conf in (endpoint, json.loads(pong.payload)):
+        assert all(type(v) is int for v in conf.values()), conf
+        assert conf["PingInterval"] == sent
+    ws.close()
+
+
+LARK_CLIENT = """
+import sys
+import lark_oapi as lark
+domain, app_id, app_secret = sys.argv[1:4]
+handler = lark.EventDispatcherHandler.builder("", "").build()
+lark.ws.Client(app_id, app_secret, event_handler=handler, domain=domain,
+               log_level=lark.LogLevel.ERROR).start()
+"""
+
+
+def test_fake_keeps_the_official_client_connected_across_a_reconnect(new_fake):
+    """lark-oapi's own client (ws/client.py) against the fake: its single ping loop pings a
+    reconnected socket only at its next tick, up to a PingInterval after the socket opened.
+    The fake must not drop it for that (it used to allow 1 s)."""
+    server = new_fake(ping_interval_s=2, pong_client_config={"ReconnectNonce": 0})
+    proc = subprocess.Popen([sys.executable, "-c", LARK_CLIENT, server.http_base, server.app_id,
+                             SECRET], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # Two pings on the first socket: the first pong (ReconnectNonce 0) has been applied.
+        server.wait_for(lambda: len(server.keepalive_times.get(1, [])) >= 2, timeout=40)
+        server.drop()  # right after a ping: the loop's next tick is a whole interval away
+        server.wait_for(lambda: server.keepalive_times.get(2), timeout=10)
+        first_ping_after_s = server.keepalive_times[2][0] - server.conns[2].opened_at
+        assert first_ping_after_s > 1.0  # later than the old fixed first-ping deadline
+        assert [d.reason for d in server.disconnects] == ["fault_drop"]
+        assert not server.conns[2].closed.is_set()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def test_fake_refuses_a_bad_ack_and_redelivers(fake):
     fake.keepalive_deadline_s = 10.0  # this raw client pings once only
     ws, _ = _raw_connect(fake)

@@ -1,4 +1,4 @@
-"""QQ Bot adapter against the strict fake (tests/fakes/fake_qqbot.py).
+"""QQ Bot adapter against the strict fake (hermes_green/testing/fake_qqbot.py).
 
 Timing: heartbeat every 0.2 s, the fake drops a client that is silent for 0.3 s, backoff starts
 at 0.05 s. Every wait is on a condition; "no reconnect" checks observe a fixed window only to
@@ -24,7 +24,7 @@ from hermes_green.config import BackoffConfig
 from hermes_green.platforms.qqbot import QQBotConfig
 from hermes_green.models import OutboundMessage
 from hermes_green.platforms.base import FatalPlatformError, SendError, State
-from hermes_green.platforms.qqbot import QQBotAdapter, attachment_kind
+from hermes_green.platforms.qqbot import EVENT_C2C, QQBotAdapter, attachment_kind
 from hermes_green.testing.fake_qqbot import CODE_DUPLICATE, FakeQQBotServer
 
 INTERVAL_MS = 200
@@ -304,6 +304,106 @@ def test_fake_refuses_bad_identify_and_payloads(frame, code):
         fake.stop()
 
 
+# --- the fake against the official clients' expectations ----------------------------------------
+
+class BotpyLikeClient:
+    """Speaks the gateway as botpy/gateway.py does where it matters here: on op 7 or op 9 it
+    only takes note and waits for the SERVER to close the socket (it never closes itself)."""
+
+    def __init__(self, fake: FakeQQBotServer) -> None:
+        self.fake = fake
+        answer = requests.post(fake.token_url, json={"appId": fake.app_id,
+                                                     "clientSecret": fake.client_secret}, timeout=3)
+        self.token = answer.json()["access_token"]
+        self.ws = websocket.create_connection(fake.ws_url, timeout=3)
+        self.hello = json.loads(self.ws.recv())
+
+    def send(self, op: int, d) -> None:
+        self.ws.send(json.dumps({"op": op, "d": d}))
+
+    def identify(self) -> dict:
+        self.send(2, {"token": f"QQBot {self.token}", "intents": 1 << 25, "shard": [0, 1]})
+        return json.loads(self.ws.recv())
+
+    def frames_until_closed(self) -> list[dict]:
+        """Every frame until the server closes (a 3 s socket timeout fails the test)."""
+        frames = []
+        while True:
+            opcode, data = self.ws.recv_data(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return frames
+            frames.append(json.loads(data))
+
+
+@pytest.fixture
+def raw_fake():
+    fake = FakeQQBotServer(heartbeat_interval_ms=1000, heartbeat_deadline_s=30.0).start()
+    yield fake
+    fake.stop()
+
+
+def test_fake_hello_interval_is_an_integer_of_ms():
+    # The fleet passes 1.0 s * 1000 = 1000.0; the real Hello carries an int (botgo's
+    # WSHelloData.HeartbeatInterval is an int and would not decode 1000.0).
+    fake = FakeQQBotServer(heartbeat_interval_ms=1000.0, heartbeat_deadline_s=30.0).start()
+    try:
+        interval = BotpyLikeClient(fake).hello["d"]["heartbeat_interval"]
+        assert type(interval) is int and interval == 1000
+    finally:
+        fake.stop()
+
+
+@pytest.mark.parametrize("op", [7, 9])
+def test_fake_closes_the_socket_after_op7_and_op9(raw_fake, op):
+    client = BotpyLikeClient(raw_fake)
+    assert client.identify()["t"] == "READY"
+    raw_fake.send_op7() if op == 7 else raw_fake.send_op9()
+    assert [f["op"] for f in client.frames_until_closed()] == [op]
+    assert [d.reason for d in raw_fake.disconnects] == [f"op{op}"]
+
+
+def test_fake_answers_a_stale_resume_with_op9_and_closes(raw_fake):
+    client = BotpyLikeClient(raw_fake)
+    client.send(6, {"token": f"QQBot {client.token}", "session_id": "no-such-session", "seq": 0})
+    assert [f["op"] for f in client.frames_until_closed()] == [9]
+
+
+def test_fake_keeps_a_session_resumable_for_its_window_only(raw_fake):
+    raw_fake.resume_window_s = 0.5
+    first = BotpyLikeClient(raw_fake)
+    session_id = first.identify()["d"]["session_id"]
+    first.ws.close()
+    kept = raw_fake.send_user_message("while away, inside the window")
+    raw_fake.wait_for(lambda: raw_fake.disconnects)
+    inside = BotpyLikeClient(raw_fake)
+    inside.send(6, {"token": f"QQBot {inside.token}", "session_id": session_id, "seq": 1})
+    replayed = [json.loads(inside.ws.recv()) for _ in range(2)]
+    assert [(f.get("t"), (f.get("d") or {}).get("id")) for f in replayed] == [
+        ("C2C_MESSAGE_CREATE", kept), ("RESUMED", None)]
+    inside.ws.close()
+    gone_at = raw_fake.wait_for(lambda: len(raw_fake.disconnects) == 2
+                                and raw_fake.disconnects[-1].at)
+    # The gap itself is the input here: the client stays away longer than the window.
+    raw_fake.wait_for(lambda: time.monotonic() > gone_at + 0.6, timeout=3)
+    lost = raw_fake.send_user_message("while away, past the window")
+    late = BotpyLikeClient(raw_fake)
+    late.send(6, {"token": f"QQBot {late.token}", "session_id": session_id, "seq": 2})
+    assert [f["op"] for f in late.frames_until_closed()] == [9]
+    assert [d["id"] for _, d in raw_fake.lost_events] == [lost]
+    assert lost not in raw_fake.delivered_ids()
+
+
+def test_fake_serves_users_me_with_a_numeric_bot_id(raw_fake):
+    client = BotpyLikeClient(raw_fake)
+    me = requests.get(raw_fake.http_base + "/users/@me", timeout=3,
+                      headers={"Authorization": f"QQBot {client.token}"})
+    assert me.status_code == 200 and int(me.json()["id"]) > 0  # botpy: int(data["id"])
+    assert me.json()["id"] == client.identify()["d"]["user"]["id"]
+    refused = requests.get(raw_fake.http_base + "/users/@me", timeout=3,
+                           headers={"Authorization": "QQBot wrong"})
+    assert refused.status_code == 401
+
+
 # --- inbound -----------------------------------------------------------------------------------
 
 def test_c2c_and_group_messages_are_delivered_and_answered(make):
@@ -486,7 +586,8 @@ def test_op7_reconnects_and_resumes_at_once(make):
     h = ready(make())
     conn = current_conn(h)
     _fault_then_resume(h, h.fake.send_op7, "op7")
-    assert h.fake.conns[conn].closed.is_set()  # we closed the socket the server left open
+    # The server closed right behind op 7; the adapter acted on the op, not on the close.
+    assert [d.reason for d in h.fake.disconnects] == ["op7"]
     assert h.adapter.stats.reconnects["server_reconnect"] == 1
 
 
@@ -522,6 +623,8 @@ def test_op9_discards_session_and_identifies_fresh(make):
     new_conn, first_op, at = established_after(h, conn)
     MEASURED["op9"] = at - t0
     assert first_op == 2 and h.adapter.session_id not in (None, old_session)
+    assert [d.reason for d in h.fake.disconnects] == ["op9"]  # the server closed behind it
+    assert h.adapter.stats.reconnects["invalid_session"] == 1
     msg_id = h.fake.send_user_message("after op9")
     reply(h, delivered(h, msg_id))
     assert_answered_exactly_once(h, [msg_id])
@@ -695,3 +798,158 @@ def test_stop_when_ready_closes_and_does_not_reconnect(make):
     h.adapter.stop()  # a second stop is a no-op
 
 
+
+
+def test_stop_leaves_without_a_close_frame_so_the_session_stays_resumable(make, monkeypatch):
+    # Discord-style gateways end a session on a 1000/1001 close but keep it after a cut.
+    close_frames = []
+    send_close = websocket.WebSocket.send_close
+    monkeypatch.setattr(websocket.WebSocket, "send_close",
+                        lambda ws, *a, **kw: close_frames.append(a) or send_close(ws, *a, **kw))
+    h = ready(make())
+    conn = h.fake.conns[current_conn(h)]
+    h.adapter.stop()
+    h.greenlet.join(timeout=3)
+    h.fake.wait_for(lambda: conn.closed.is_set(), 2)
+    assert close_frames == [] and [d.reason for d in h.fake.disconnects] == ["client_closed"]
+
+
+# --- restarts: the session and seq are saved and resumed -------------------------------------
+
+def _restarted(h, journal=None) -> SimpleNamespace:
+    """A new adapter on the same config and saved state, as after a gateway restart."""
+    adapter = QQBotAdapter(h.adapter.config, journal or h.journal, handshake_timeout_s=1.0)
+    adapter.saved_state = h.adapter.saved_state
+    return SimpleNamespace(fake=h.fake, adapter=adapter, journal=journal or h.journal,
+                           greenlet=gevent.spawn(_run, adapter))
+
+
+def _stop(h) -> None:
+    h.adapter.stop()
+    h.greenlet.join(timeout=5)
+    assert h.greenlet.dead
+
+
+def test_a_restarted_adapter_resumes_the_saved_session_and_gets_what_came_meanwhile(make):
+    h = ready(make())
+    before = delivered(h, h.fake.send_user_message("before the restart"))
+    _stop(h)
+    away = [h.fake.send_user_message(f"while down {i}", openid=f"u{i}") for i in range(3)]
+    h2 = _restarted(h)
+    try:
+        ready(h2)
+        conn = h.fake.conn_ids()[-1]
+        assert next(op for op in h.fake.client_ops(conn) if op != 1) == 6
+        for msg_id in away:
+            delivered(h2, msg_id)
+        # resumed from the saved seq: nothing before it came again
+        assert [m.message_id for m in h.journal.messages] == [before.message_id, *away]
+        assert h.journal.duplicates == 0 and h.fake.delivered_ids().count(before.message_id) == 1
+    finally:
+        _stop(h2)
+
+
+def test_a_saved_session_past_the_window_gets_op9_and_a_fresh_identify(make):
+    h = ready(make(fake_kw={"resume_window_s": 0.3}))
+    old_session = h.adapter.session_id
+    _stop(h)
+    gone_at = h.fake.wait_for(lambda: h.fake.disconnects and h.fake.disconnects[-1].at)
+    h.fake.wait_for(lambda: time.monotonic() > gone_at + 0.4, 3)  # down longer than the window
+    lost = h.fake.send_user_message("sent while down too long")
+    h2 = _restarted(h)
+    try:
+        ready(h2)
+        assert [op for op in h.fake.client_ops() if op != 1][-2:] == [6, 2]
+        assert h2.adapter.session_id not in (None, old_session)
+        saved = json.loads(h2.adapter.saved_state.get("session"))
+        assert saved["session_id"] == h2.adapter.session_id
+        # Honest about the gap: the platform cannot replay it and the adapter never saw it.
+        assert [d["id"] for _, d in h.fake.lost_events] == [lost]
+        assert h.journal.by_id(lost) is None
+    finally:
+        _stop(h2)
+
+
+def test_the_seq_is_saved_only_once_the_journal_took_the_message(make):
+    h = make(run=False)
+    saved_when_journaled: list = []
+
+    class Recording(Journal):
+        def __call__(self, msg) -> bool:
+            raw = h.adapter.saved_state.get("session")
+            saved_when_journaled.append(json.loads(raw)["seq"] if raw else None)
+            return super().__call__(msg)
+
+    h.journal = Recording(fail_first=1)  # the first try fails: that event must not be saved
+    h.adapter = QQBotAdapter(h.adapter.config, h.journal, handshake_timeout_s=1.0)
+    h.greenlet = gevent.spawn(_run, h.adapter)
+    ready(h)
+    ids = [h.fake.send_user_message(f"m{i}") for i in range(3)]
+    h.fake.wait_for(lambda: set(ids) <= h.journal.seen)
+    seqs = {f["d"]["id"]: f["s"] for f in h.fake.out_events() if f["t"] == EVENT_C2C}
+    final = h.fake.wait_for(lambda: json.loads(h.adapter.saved_state.get("session"))["seq"]
+                            == h.fake.current.seq)
+    assert final
+    # each message was handed up while the saved seq was still below its own
+    assert len(saved_when_journaled) == 4  # the failed try, then its replay, then two more
+    for saved, msg_id in zip(saved_when_journaled, [ids[0], ids[0], ids[1], ids[2]]):
+        assert saved is None or saved < seqs[msg_id]
+
+
+def test_an_unreadable_saved_session_means_a_fresh_identify(make):
+    h = make(run=False)
+    h.adapter.saved_state.put("session", "{not json")
+    h.greenlet = gevent.spawn(_run, h.adapter)
+    ready(h)
+    assert next(op for op in h.fake.client_ops(current_conn(h)) if op != 1) == 2
+
+
+def test_messages_sent_during_a_sigterm_restart_of_a_real_gateway_are_answered_once_each(tmp_path):
+    """A real gateway process on a real SQLite file, stopped with SIGTERM; three users write
+    while it is down; the next process resumes the saved session and answers each message
+    once (asserted from the fake's records)."""
+    import signal
+    import sys
+
+    from hermes_green.testing.fleet import FakeFleet
+    from tests.support import BIN, Process, write_config
+
+    fleet = FakeFleet(platforms=("qqbot",), llm_chunk_delay_s=0.0).start()
+    fake = fleet.fakes["qqbot"]
+    cfg = write_config(tmp_path / "config.yaml", {
+        "gateway": {"data_dir": str(tmp_path / "data"), "status": {"enabled": False},
+                    "drain_timeout_s": 10},
+        "agent": fleet.agent_config(), "platforms": fleet.platforms_config()})
+    procs = []
+
+    def start() -> Process:
+        procs.append(Process([sys.executable, BIN, "--config", str(cfg)]))
+        return procs[-1]
+
+    try:
+        first = start()
+        before = fleet.send("qqbot", "before the restart", chat=9)
+        fleet.wait_for(lambda: fleet.answers("qqbot", before), timeout=30)
+        first.signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 0, first.stderr[-2000:]
+        conns_before = len(fake.conns)
+        away = [fleet.send("qqbot", f"written while the gateway was down {i}", chat=i)
+                for i in range(3)]
+        start()
+        fleet.wait_for(lambda: all(fleet.answers("qqbot", m) for m in away), timeout=30,
+                       what=lambda: fleet.summary("qqbot"))
+        resumed_on = fake.conn_ids()[conns_before]
+        assert next(op for op in fake.client_ops(resumed_on) if op != 1) == 6
+        for i, mid in enumerate(away):
+            answers = fleet.answers("qqbot", mid)
+            assert len(answers) == 1, answers
+            assert answers[0].startswith(f"You said: written while the gateway was down {i}.")
+        assert len(fleet.answers("qqbot", before)) == 1
+        assert Counter((r.msg_id, r.msg_seq) for r in fake.replies).most_common(1)[0][1] == 1
+        assert fake.rejected == [] and fake.lost_events == []
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.signal(signal.SIGTERM)
+                p.wait(timeout=30)
+        fleet.stop()

@@ -149,24 +149,28 @@ InboundHandler = Callable[[InboundMessage], "Delivery | bool"]
 
 class SavedState(Protocol):
     """A bot's small durable key-value memory (resume cursors, session ids), kept by the gateway
-    in its store so an adapter never imports the store."""
+    in its store (`Store.adapter_state`) so an adapter never imports the store. Values are
+    strings; putting None deletes."""
 
-    def get(self, key: str) -> Any: ...
+    def get(self, key: str) -> str | None: ...
 
-    def put(self, key: str, value: Any) -> None: ...
+    def put(self, key: str, value: str | None) -> None: ...
 
 
 class MemoryState:
     """SavedState for adapters built without a gateway (tests, `check`)."""
 
     def __init__(self) -> None:
-        self._values: dict[str, Any] = {}
+        self._values: dict[str, str] = {}
 
-    def get(self, key: str) -> Any:
+    def get(self, key: str) -> str | None:
         return self._values.get(key)
 
-    def put(self, key: str, value: Any) -> None:
-        self._values[key] = value
+    def put(self, key: str, value: str | None) -> None:
+        if value is None:
+            self._values.pop(key, None)
+        else:
+            self._values[key] = value
 
 
 # --- the contract ----------------------------------------------------------------------------

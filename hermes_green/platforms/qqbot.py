@@ -7,12 +7,19 @@ The protocol, as this module speaks it (shared/PROTOCOLS.md, "QQ Bot"):
                    GET {api_base}/gateway/bot -> the wss URL
     op 10 Hello    start the heartbeat on the interval it announces (never before: a default
                    timetable sends nothing until it expires), then op 2 Identify, or op 6 Resume
-                   when we hold a session id and the last seq
+                   when we hold a session id and the last seq (kept in `saved_state`, so a
+                   restart resumes too: the platform replays what came while we were away,
+                   for as long as it keeps the session; the window is not published)
     op 0 READY / RESUMED                 -> ready
     op 0 C2C_MESSAGE_CREATE / GROUP_AT_MESSAGE_CREATE -> InboundMessage, then the seq advances
+                   and is saved (after the journal took the message: resuming from an older seq
+                   only replays what the journal recognizes; a newer one would skip messages)
     op 1 beat {"d": last seq}, op 11 ack -> keepalive answered
     op 7 Reconnect -> drop the socket and resume at once; op 9 Invalid Session -> identify fresh
+                   (the server closes the socket behind both; we do not wait for it)
+    leaving        cut the TCP connection without a close frame (see `close_frame_on_leave`)
     close codes    see `close_action`
+    check()        the token, GET /users/@me (the bot's identity) and GET /gateway/bot
     send(out)      POST /v2/users/{openid}/messages or /v2/groups/{group_openid}/messages with
                    msg_seq = part index + 1, so a re-send repeats the pair and 40054005 means
                    "already delivered"
@@ -72,6 +79,7 @@ FATAL_TOKEN_CODES = {
     10004: "no bot with this appid",
 }
 REST_TIMEOUT = (5.0, 20.0)  # (connect, read) seconds
+SESSION_KEY = "session"  # saved_state: {"session_id", "seq"} of the session to resume
 
 # Gateway close codes (the platform's docs; see close_action).
 FATAL_CLOSE_CODES = {
@@ -190,6 +198,10 @@ class QQBotAdapter(WebSocketAdapter):
 
     name = "qqbot"
     max_unanswered_beats = 2  # two beats without an op 11 -> zombie, reconnect and resume
+    # Discord's gateway, which this one mirrors, ends a session whose client closes with 1000 or
+    # 1001 but keeps it resumable after a cut connection. Whether QQ does the same is
+    # *unverified*; leaving with a cut is safe either way (a crash looks the same to it).
+    close_frame_on_leave = False
 
     def __init__(self, config, on_message, *, clock: Callable[[], float] = time.monotonic,
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S, **kw) -> None:
@@ -203,6 +215,7 @@ class QQBotAdapter(WebSocketAdapter):
         # The gateway session we resume after a drop; None -> identify fresh.
         self.session_id: str | None = None
         self.seq: int | None = None  # last dispatch seq handled (what op 1 and op 6 carry)
+        self._state_loaded = False  # saved_state is read once, before the first connection
         self._hello_seen = False
         self._ops: dict[int, Callable[[dict], None]] = {
             OP_DISPATCH: self._on_dispatch,
@@ -220,11 +233,36 @@ class QQBotAdapter(WebSocketAdapter):
             EVENT_GROUP_AT: lambda d: self._on_message_event(d, "group"),
         }
 
+    @classmethod
+    def check(cls, config, *, full: bool = False) -> str:
+        if full:
+            return cls.check_session(config)
+        adapter = cls(config, lambda msg: False)
+        url = adapter.prepare()
+        return f"credentials accepted; bot {adapter.bot_user()}; gateway {url.split('?')[0]}"
+
+    def bot_user(self) -> str:
+        """The bot's own user from GET /users/@me (as the official SDK reads it at login), as
+        "username (id)"; raises ConnectionLost when the platform does not answer it."""
+        try:
+            resp = self._api("GET", "/users/@me", label="me")
+        except requests.RequestException as e:
+            raise ConnectionLost("me_unreachable", type(e).__name__) from None
+        body = _json_body(resp)
+        user_id = _nonempty_str(body.get("id"))
+        if resp.status_code != 200 or not user_id:
+            raise ConnectionLost("me_failed", f"GET /users/@me: HTTP {resp.status_code}")
+        username = body.get("username")
+        return f"{username[:80] if isinstance(username, str) else '?'} ({user_id})"
+
     # -- before the socket ---------------------------------------------------------------------
     def prepare(self) -> str:
         # This connection's Hello decides the interval; never start on the last one's timetable.
         self.heartbeat_interval_s = None
         self._hello_seen = False
+        if not self._state_loaded:
+            self._state_loaded = True
+            self._restore_session()
         try:
             resp = self._api("GET", "/gateway/bot", label="gateway")
         except requests.RequestException as e:
@@ -306,12 +344,14 @@ class QQBotAdapter(WebSocketAdapter):
         s = frame.get("s")
         if _is_int(s) and s > 0 and (self.seq is None or s > self.seq):
             self.seq = s
+            self._save_session()
 
     def _on_ready(self, d: Any) -> None:
         session_id = _nonempty_str(d.get("session_id")) if isinstance(d, dict) else ""
         if not session_id:
             raise ConnectionLost("bad_ready", "READY without session_id", resume=False)
         self.session_id, self.seq = session_id, None
+        self._save_session()
         self.log.info("session started platform=qqbot session=%s", session_id)
         self.mark_ready()
 
@@ -395,10 +435,39 @@ class QQBotAdapter(WebSocketAdapter):
             self._forget_session(lost.reason)
 
     def _forget_session(self, why: str) -> None:
-        if self.session_id is not None:
-            self.log.info("session discarded platform=qqbot session=%s reason=%s",
-                          self.session_id, why)
-        self.session_id, self.seq = None, None
+        self.seq = None
+        if self.session_id is None:
+            return
+        self.log.info("session discarded platform=qqbot session=%s reason=%s",
+                      self.session_id, why)
+        self.session_id = None
+        self._save_session()
+
+    def _save_session(self) -> None:
+        """Keep the session and seq where the next start finds them. A failed write is logged
+        and costs nothing now: the saved seq stays older, and an older seq is always safe."""
+        value = (None if self.session_id is None else
+                 json.dumps({"session_id": self.session_id, "seq": self.seq}))
+        try:
+            self.saved_state.put(SESSION_KEY, value)
+        except Exception as e:  # the store's own errors; the connection goes on
+            self.log.warning("session not saved platform=qqbot error=%s", type(e).__name__)
+
+    def _restore_session(self) -> None:
+        """The session the last run saved, if any: the first connection resumes it (the server
+        answers op 9 if it is gone, and we identify fresh)."""
+        try:
+            raw = self.saved_state.get(SESSION_KEY)
+            saved = json.loads(raw) if raw else None
+        except Exception as e:  # unreadable: identify fresh, as without a saved session
+            self.log.warning("saved session ignored platform=qqbot error=%s", type(e).__name__)
+            return
+        session_id = _nonempty_str(saved.get("session_id")) if isinstance(saved, dict) else ""
+        seq = saved.get("seq") if isinstance(saved, dict) else None
+        if not session_id or not (seq is None or (_is_int(seq) and seq >= 0)):
+            return
+        self.session_id, self.seq = session_id, seq
+        self.log.info("session restored platform=qqbot session=%s seq=%s", session_id, seq)
 
     # -- REST ----------------------------------------------------------------------------------
     def _api(self, method: str, path: str, body: dict | None = None, *,

@@ -5,10 +5,14 @@ What it enforces, as the real server does (shared/PROTOCOLS.md, "Feishu"):
   a live `Authorization: Bearer <tenant token>` (expired or revoked -> code 99991663);
 - the WebSocket handshake needs a ticket issued by the endpoint call (single use) and fits under
   `max_conns`; refusals come as HTTP headers Handshake-Status / -Msg / -Autherrcode;
-- keepalive: the first ping within `first_ping_deadline_s` of the upgrade, then one within
-  `keepalive_deadline_s` of the previous one (default: 2.5 x the PingInterval this connection was
-  last told, so a client that ignores a new ClientConfig from a pong is dropped); pings must be
-  control frames for our service_id with header `type: ping`;
+- keepalive: one ping within `keepalive_deadline_s` of the previous one (default: 2.5 x the
+  PingInterval this connection was last told, so a client that ignores a new ClientConfig from a
+  pong is dropped); the first within the same deadline of the upgrade, unless tests set a
+  stricter `first_ping_deadline_s` (the official client may first ping a reconnected socket a
+  whole PingInterval after it opened: see `on_connect`); pings must be control frames for our
+  service_id with header `type: ping`;
+- ClientConfig values are integers of seconds, as the real ones are (sub-second intervals exist
+  only so that tests run fast; they go out as they are given);
 - every event must be acked (the same frame: all its headers, plus `biz_rt`, payload exactly
   {"code": 200}) within `ack_deadline_s`, or it is delivered again (fresh frame message_id, same
   event), up to `redeliver_limit` more times; events wait for a connection when none is up;
@@ -108,6 +112,11 @@ class PendingEvent:
     attempts: int = 0
 
 
+def _seconds(value: float) -> int | float:
+    """Whole seconds as an int (what the server sends); a test's sub-second value as it is."""
+    return int(value) if float(value).is_integer() else value
+
+
 def _wire(frame) -> WireFrame:
     return WireFrame(frame.method, frame.service, frame.SeqID,
                      {h.key: h.value for h in frame.headers}, bytes(frame.payload))
@@ -119,7 +128,7 @@ class FakeFeishuServer(FakePlatformServer):
 
     def __init__(self, app_id: str = "cli_fake", app_secret: str = "fake-app-secret", *,
                  ping_interval_s: float = 120.0, keepalive_deadline_s: float | None = None,
-                 first_ping_deadline_s: float = 1.0, ack_deadline_s: float = 3.0,
+                 first_ping_deadline_s: float | None = None, ack_deadline_s: float = 3.0,
                  redeliver_limit: int = 3, split_parts: int = 1, shuffle_parts: bool = False,
                  pong_client_config: dict | None = None, token_expire_s: float = 7200,
                  bot_open_id: str = "ou_bot", max_conns: int = 50,
@@ -174,9 +183,11 @@ class FakeFeishuServer(FakePlatformServer):
 
     # -- test-facing helpers -----------------------------------------------------------------
     def client_config(self) -> dict:
-        conf = {"PingInterval": self.ping_interval_s, "ReconnectCount": -1,
+        """As the endpoint and every pong send it: integers of seconds (lark-oapi
+        ws/model.py ClientConfig declares them int; ws/client.py starts `_ping_interval` at 120).
+        A whole-second float (the default 120.0) goes out as 120, never as 120.0."""
+        return {"PingInterval": _seconds(self.ping_interval_s), "ReconnectCount": -1,
                 "ReconnectInterval": 120, "ReconnectNonce": 30}
-        return conf
 
     def send_user_message(self, text: str = "hello", *, chat_type: str = "p2p",
                           open_id: str = "ou_user", chat_id: str | None = None,
@@ -345,7 +356,13 @@ class FakeFeishuServer(FakePlatformServer):
         conn.state["device_id"] = parse_qs(request["query"]).get("device_id", [""])[0]
         conn.state["ping_interval"] = self.ping_interval_s
         self.keepalive_times[conn.id] = []
-        conn.expect_keepalive(self.first_ping_deadline_s)
+        # lark-oapi ws/client.py runs ONE `_ping_loop` per client, created by start() after the
+        # first connect and sleeping PingInterval between pings whatever the socket: a first
+        # connection is pinged at once, but a reconnected one only at the loop's next tick, up
+        # to a whole PingInterval after it opened. So by default the first ping gets the same
+        # deadline as every later one.
+        first = self.first_ping_deadline_s
+        conn.expect_keepalive(first if first is not None else self._deadline(conn))
         if self.session_max_s is not None:
             timer = gevent.spawn_later(self.session_max_s, conn.close, None, reason="session_max")
             self._pushers.add(timer)  # ends with the connection's close, or at stop()

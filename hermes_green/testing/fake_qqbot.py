@@ -5,11 +5,18 @@ What it enforces (each rule makes the real server drop, reject or replay):
 - token: wrong app id / secret -> code 100007 / 100016; `expires_in` is a string; the same
   token is handed out until the last `token_renew_window_s` of its life, then a new one (the old
   one stays valid until its own expiry); REST with an unknown or expired token -> 401.
-- gateway: Hello first; no heartbeat within `heartbeat_deadline_s` (of the connection, then of
-  the previous beat) -> close 4009; identify with a bad token -> 4004, bad intents -> 4013/4014,
-  bad shard -> 4010; unknown op -> 4001; malformed payload -> 4002; resume of an unknown or
-  invalidated session -> op 9 (the socket stays open); resume with a seq from the future -> 4007;
-  resume replays every event after the client's seq, then RESUMED.
+- gateway: Hello first, its `heartbeat_interval` an integer of ms; no heartbeat within
+  `heartbeat_deadline_s` (of the connection, then of the previous beat) -> close 4009; identify
+  with a bad token -> 4004, bad intents -> 4013/4014, bad shard -> 4010; unknown op -> 4001;
+  malformed payload -> 4002; resume with a seq from the future -> 4007; resume replays every
+  event after the client's seq, then RESUMED.
+- sessions: a session stays resumable for `resume_window_s` after its connection ends (any end:
+  drop, close, our op 7); resuming it later, or an unknown or invalidated one, gets op 9 and the
+  socket closed. Events sent to a session that has expired are lost (`lost_events`), as nothing
+  could ever replay them.
+- op 7 (`send_op7`) and op 9 are followed by the server closing the socket, as the real one does
+  (botpy waits for that close before it reconnects).
+- `GET /users/@me` answers the bot's identity (botpy reads it at login).
 - replies: only to a known inbound message of that chat, within the passive window (60 min DM,
   5 min group), at most `max_replies_per_msg` per msg_id, and a repeated (msg_id, msg_seq) is
   rejected with 40054005 (HTTP 400) like the real one. A missing msg_seq counts as 1.
@@ -24,8 +31,9 @@ Use from tests, the demo and benchmarks:
     faults: drop(), close_with(code), go_silent(s), send_garbage(data), send_raw_frame(bytes),
             rest_delay_s, rest_429(n, retry_after), fail_replies(n, status), send_op7(),
             send_op9(), expire_tokens(), reject_tokens = True
-Events sent while no client is connected are kept in the session and replayed on resume; events
-sent before any session exists are delivered after the next identify.
+Events sent while no client is connected are kept in the session and replayed on a resume within
+the window; events sent before any session exists (or after an op 9) are delivered after the next
+identify.
 """
 from __future__ import annotations
 
@@ -51,6 +59,11 @@ CODE_BAD_MSG_ID = 40034024
 CODE_WINDOW_EXPIRED = 40034025
 CODE_REPLY_LIMIT = 40034026
 CODE_BAD_REQUEST = 40034001
+
+# The platform's docs say only that a connection resumed "within a short time" gets the events it
+# missed (断开之后短时间内重连会补发中间遗漏的事件); the window is *unverified*. One minute is a
+# conservative guess (Discord's gateway, which QQ's mirrors, keeps sessions "a few minutes").
+RESUME_WINDOW_S = 60.0
 
 _REPLY_PATH = re.compile(r"^/v2/(users|groups)/([^/]+)/messages$")
 
@@ -91,6 +104,7 @@ class Session:
     events: list[tuple[int, dict]] = field(default_factory=list)  # replayable dispatches
     conn: Conn | None = None
     valid: bool = True
+    expired: bool = False  # past the resume window: its events can never be delivered
 
 
 class FakeQQBotServer(FakePlatformServer):
@@ -100,7 +114,8 @@ class FakeQQBotServer(FakePlatformServer):
                  heartbeat_interval_ms: float = 41250, heartbeat_deadline_s: float | None = None,
                  token_ttl_s: float = 7200.0, token_renew_window_s: float = 60.0,
                  reply_window_dm_s: float = 3600.0, reply_window_group_s: float = 300.0,
-                 max_replies_per_msg: int = 5, allowed_intents: int = ALL_INTENTS) -> None:
+                 max_replies_per_msg: int = 5, allowed_intents: int = ALL_INTENTS,
+                 resume_window_s: float = RESUME_WINDOW_S) -> None:
         super().__init__()
         self.app_id, self.client_secret = app_id, client_secret
         self.heartbeat_interval_ms = heartbeat_interval_ms
@@ -111,7 +126,9 @@ class FakeQQBotServer(FakePlatformServer):
         self.reply_window_s = {"c2c": reply_window_dm_s, "group": reply_window_group_s}
         self.max_replies_per_msg = max_replies_per_msg
         self.allowed_intents = allowed_intents
-        self.bot_id = "fake-bot-" + app_id
+        self.resume_window_s = resume_window_s
+        # botpy (botpy/robot.py Robot._update) reads the id as int(data["id"]): digits only.
+        self.bot_id = str(144115218677000000 + sum(map(ord, app_id)))
         # records
         self.replies: list[Reply] = []
         self.rejected: list[Rejected] = []
@@ -125,6 +142,7 @@ class FakeQQBotServer(FakePlatformServer):
         self.sessions: dict[str, Session] = {}
         self.current: Session | None = None
         self.pending: list[tuple[str, dict]] = []  # events before any session exists
+        self.lost_events: list[tuple[str, Any]] = []  # sent to a session past its window
         # faults
         self.reject_tokens = False  # every REST call with a token answers 401
         self._fail_replies: list[int] = []
@@ -163,22 +181,33 @@ class FakeQQBotServer(FakePlatformServer):
 
     def dispatch(self, event: str, d: Any) -> None:
         """Send any dispatch event (unknown types included) to the current session."""
-        if self.current is None or not self.current.valid:
+        session = self.current
+        if session is not None:
+            self._check_expiry(session)
+        if session is not None and session.expired:
+            self.lost_events.append((event, d))  # no connection can ever get it now
+            self.changed()
+        elif session is None or not session.valid:
             self.pending.append((event, d))
             self.changed()
-            return
-        self._dispatch(self.current, event, d)
+        else:
+            self._dispatch(session, event, d)
 
     def send_op7(self) -> None:
-        """Server asks for a reconnect + resume (the socket is left open)."""
+        """Server asks for a reconnect + resume, then closes the socket. botpy
+        (botpy/gateway.py `_is_system_event`) only notes op 7 and reconnects once the server has
+        closed; botgo (websocket/client/client.go) says the server sends it when the connection
+        reached its maximum age."""
         for conn in self.live_conns():
             conn.send({"op": 7})
+            conn.close(None, reason="op7")
 
     def send_op9(self) -> None:
-        """Invalid session: the client must identify fresh (the socket is left open)."""
+        """Invalid session: the client must identify fresh. The server closes the socket after
+        it (users report op 9 followed by EOF; botpy/gateway.py waits for the close)."""
         self.invalidate_sessions()
         for conn in self.live_conns():
-            conn.send({"op": 9, "d": False})
+            self._refuse_session(conn)
 
     def invalidate_sessions(self) -> None:
         for session in self.sessions.values():
@@ -230,6 +259,7 @@ class FakeQQBotServer(FakePlatformServer):
         return {
             ("POST", "/app/getAppAccessToken"): self._token,
             ("GET", "/gateway/bot"): self._gateway,
+            ("GET", "/users/@me"): self._me,
             ("POST", "/v2/"): self._reply,
         }
 
@@ -270,6 +300,15 @@ class FakeQQBotServer(FakePlatformServer):
         return 200, {"url": self.ws_url, "shards": 1,
                      "session_start_limit": {"total": 1000, "remaining": 999,
                                              "reset_after": 86400000, "max_concurrency": 1}}
+
+    def _me(self, request: dict) -> tuple:
+        """The bot's own user (botpy/http.py `login` GETs it first; botpy/types/robot.py:
+        id, username, avatar)."""
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
+        return 200, {"id": self.bot_id, "username": "fake-bot", "avatar": "",
+                     "union_openid": f"union-{self.bot_id}", "union_user_account": ""}
 
     def _reply(self, request: dict) -> tuple:
         m = _REPLY_PATH.match(request["path"])
@@ -319,7 +358,9 @@ class FakeQQBotServer(FakePlatformServer):
         conn.state.update(session=None)
         self.keepalive_times[conn.id] = []
         conn.expect_keepalive(self.heartbeat_deadline_s, 4009)
-        interval_ms = self.heartbeat_interval_ms
+        # An integer of ms, as the real Hello sends it (botgo dto/websocket_payload.go:
+        # WSHelloData.HeartbeatInterval is an int; a float would not even decode there).
+        interval_ms = max(1, round(self.heartbeat_interval_ms))
         if conn.send({"op": 10, "d": {"heartbeat_interval": interval_ms}}):
             self.hello_times[conn.id] = (time.monotonic(), interval_ms / 1000.0)
         return True
@@ -376,10 +417,11 @@ class FakeQQBotServer(FakePlatformServer):
             return conn.close(4004, "invalid token", reason="bad_token")
         session = self.sessions.get(d.get("session_id"))
         seq = d.get("seq")
+        if session is not None:
+            self._check_expiry(session)
         if session is None or not session.valid:
             self.log_event("resume_refused", conn)
-            conn.send({"op": 9, "d": False})
-            return
+            return self._refuse_session(conn)
         if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= session.seq:
             return conn.close(4007, "invalid seq", reason="bad_seq")
         missed = [frame for s, frame in session.events if s > seq]  # snapshot, then bind
@@ -388,6 +430,21 @@ class FakeQQBotServer(FakePlatformServer):
         for frame in missed:
             conn.send(frame)
         conn.send({"op": 0, "s": session.seq, "t": "RESUMED", "d": ""})
+
+    def _refuse_session(self, conn: Conn) -> None:
+        """op 9, then the socket closed (see send_op9)."""
+        conn.send({"op": 9, "d": False})
+        conn.close(None, reason="op9")
+
+    def _check_expiry(self, session: Session) -> None:
+        """A session whose connection has been gone longer than the resume window is over."""
+        conn = session.conn
+        if not session.valid or conn is None or not conn.closed.is_set():
+            return
+        ended = next((d.at for d in self.disconnects if d.conn_id == conn.id), None)
+        if ended is not None and time.monotonic() - ended > self.resume_window_s:
+            session.valid, session.expired = False, True
+            self.log_event("session_expired")
 
     def _bind(self, session: Session, conn: Conn) -> None:
         old = session.conn

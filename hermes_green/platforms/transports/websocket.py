@@ -108,13 +108,13 @@ class WebSocketConnection:
             self.end(ConnectionLost("send_failed", type(e).__name__))
             raise ConnectionLost("send_failed", type(e).__name__) from None
 
-    def close(self) -> None:
+    def close(self, send_close_frame: bool = True) -> None:
         ws, self.ws = self.ws, None  # senders now see "not connected"
         self.group.kill(block=True, timeout=2)  # two greenlets may not read one socket
         self.heartbeat = None
         if ws is not None:
             try:
-                if ws.connected:
+                if ws.connected and send_close_frame:
                     ws.send_close()
             except Exception:  # the socket may already be half gone; we are leaving anyway
                 pass
@@ -135,6 +135,9 @@ class WebSocketAdapter(PlatformAdapter):
     max_unanswered_beats: int = 2  # this many beats without an answer -> zombie
     silence_timeout_s: float | None = None  # nothing at all received for this long -> zombie
     max_frame_bytes: int = MAX_FRAME_BYTES
+    # False: leave by cutting the TCP connection, without a close frame (for protocols whose
+    # servers end a resumable session on a normal close but keep it after a cut).
+    close_frame_on_leave: bool = True
 
     def __init__(self, config, on_message, **kw) -> None:
         super().__init__(config, on_message, **kw)
@@ -265,7 +268,7 @@ class WebSocketAdapter(PlatformAdapter):
             self.conn = None
             if self.stats.state is not State.FATAL:
                 self.set_state(State.STOPPED if self.stopping else State.CONNECTING)
-            conn.close()
+            conn.close(self.close_frame_on_leave)
             try:
                 self.on_disconnect(outcome if isinstance(outcome, ConnectionLost)
                                    else ConnectionLost("closed"))
