@@ -67,8 +67,8 @@ Use from tests, the demo and benchmarks:
 """
 from __future__ import annotations
 
-import itertools
 import json
+import logging
 import re
 import time
 import urllib.parse
@@ -113,7 +113,7 @@ class _Answer(Exception):
 @dataclass
 class ApiCall:
     at: float  # time.monotonic() when the call arrived
-    token: str
+    token: str = field(repr=False)
     method: str  # lower case, as the server dispatches it
     params: dict
     status: int = 0  # 0 while a long poll is still held
@@ -129,7 +129,7 @@ class SentMessage:
     text: str
     reply_to: int | None  # message_id it replies to (None: a plain message)
     at: float
-    token: str
+    token: str = field(repr=False)
     edits: list[str] = field(default_factory=list)  # texts after each accepted edit
 
 
@@ -186,7 +186,6 @@ class FakeTelegramServer(FakePlatformServer):
         self._fail: list[tuple[str, int, str]] = []
         self._garbage: list[tuple[str, bytes]] = []
         self._rivals: list[gevent.Greenlet] = []
-        self._user_ids = itertools.count(5_000_001)
         self.add_bot(token, username, first_name)
 
     # -- bots, users and chats ---------------------------------------------------------------
@@ -366,6 +365,16 @@ class FakeTelegramServer(FakePlatformServer):
     def stop_rivals(self) -> None:
         gevent.killall(self._rivals, timeout=2)
         self._rivals.clear()
+
+    def start(self) -> "FakeTelegramServer":
+        super().start()
+        # geventwebsocket's handler logs each request line ("POST /bot<token>/getUpdates") on
+        # the server's `logger`: give it one that masks the token, like the product does.
+        access = logging.getLogger("hermes_green.testing.fake_telegram.access")
+        if not any(isinstance(f, _MaskTokenPaths) for f in access.filters):
+            access.addFilter(_MaskTokenPaths())
+        self._server.logger = access
+        return self
 
     def stop(self) -> None:
         self.stop_rivals()
@@ -662,6 +671,14 @@ class FakeTelegramServer(FakePlatformServer):
             bot.poll.event.set()
         self.changed()
         return update["update_id"]
+
+
+class _MaskTokenPaths(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "/bot" in message:
+            record.msg, record.args = re.sub(r"/bot[^/\s]+/", "/bot***/", message), ()
+        return True
 
 
 def _ok(result: Any) -> dict:
