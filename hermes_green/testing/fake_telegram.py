@@ -186,6 +186,10 @@ class FakeTelegramServer(FakePlatformServer):
         self._fail: list[tuple[str, int, str]] = []
         self._garbage: list[tuple[str, bytes]] = []
         self._rivals: list[gevent.Greenlet] = []
+        self._polls_open = gevent.event.Event()
+        self._polls_open.set()
+        self._hold_above: int | None = None
+        self._polls_discard = False
         self.add_bot(token, username, first_name)
 
     # -- bots, users and chats ---------------------------------------------------------------
@@ -324,6 +328,23 @@ class FakeTelegramServer(FakePlatformServer):
                      times: int = 1) -> None:
         """The next calls of `method` get `body` (not JSON) with status 200."""
         self._garbage.extend([(method.lower(), body)] * times)
+
+    def hold_polls(self, confirming: int = 0) -> None:
+        """getUpdates calls arriving from now on whose offset would confirm update `confirming`
+        (offset > it; 0: every call) are parked before the server reads them, confirming
+        nothing, until release_polls()."""
+        self._hold_above = confirming
+        self._polls_discard = False
+        self._polls_open.clear()
+
+    def release_polls(self, *, discard: bool = False) -> None:
+        """Let parked polls through; `discard`: drop them unread, as if they never arrived (the
+        client died before sending them), answering 502."""
+        self._polls_discard = discard
+        self._polls_open.set()
+
+    def parked_polls(self, token: str | None = None) -> list[ApiCall]:
+        return [c for c in self.poll_calls(token) if c.status == 0 and c.description == "parked"]
 
     def set_webhook(self, url: str, token: str | None = None) -> None:
         """Someone set a webhook for the bot (polling gets 409 until deleteWebhook)."""
@@ -470,6 +491,13 @@ class FakeTelegramServer(FakePlatformServer):
                          "supports_inline_queries": False})
 
     def _get_updates(self, bot: Bot, params: dict, call: ApiCall) -> tuple:
+        if not self._polls_open.is_set() and _int(params.get("offset"), 0) > self._hold_above:
+            call.description = "parked"
+            self.changed()
+            self._polls_open.wait()
+            call.description = ""
+            if self._polls_discard:
+                raise _Answer(502, "Bad Gateway")  # never read: it confirmed nothing
         if bot.webhook_url:
             self._conflict(bot, CONFLICT_WEBHOOK)
         offset = _int(params.get("offset"), 0)
