@@ -306,7 +306,7 @@ class TelegramAdapter(LongPollAdapter):
             return self._skip(update, "from_bot")
         text = msg.get("text") if "text" in msg else msg.get("caption")
         entities = msg.get("entities") if "text" in msg else msg.get("caption_entities")
-        text = text if isinstance(text, str) else ""
+        text = _utf8_safe(text) if isinstance(text, str) else ""
         if len(text) > MAX_INBOUND_CHARS:
             return self._skip(update, f"too_long chars={len(text)}")
         attachments = _attachments(msg)
@@ -340,7 +340,7 @@ class TelegramAdapter(LongPollAdapter):
         """Whether an entity addresses us (a `mention` of @us, a `text_mention` of our id, a
         `bot_command` ending in @us), and the text without our @username in those spans."""
         me, name = self._me["id"], "@" + self._me["username"].lower()
-        units = text.encode("utf-16-le")
+        units = text.encode("utf-16-le", "surrogatepass")
         cuts: list[tuple[int, int]] = []  # UTF-16 byte ranges to remove
         addressed = False
         for ent in entities if isinstance(entities, list) else ():
@@ -361,10 +361,16 @@ class TelegramAdapter(LongPollAdapter):
                 addressed = True
                 end = 2 * (off + length)
                 cuts.append((end - 2 * len(name), end))  # usernames are ASCII
-        for start, end in sorted(cuts, reverse=True):
+        if not cuts:
+            return addressed, text
+        kept: list[tuple[int, int]] = []
+        for start, end in sorted(set(cuts)):
+            if not kept or start >= kept[-1][1]:  # overlapping spans: the first one wins
+                kept.append((start, end))
+        for start, end in reversed(kept):
             units = units[:start] + units[end:]
-        cleaned = re.sub(r"[ \t]{2,}", " ", units.decode("utf-16-le", "replace")).strip()
-        return addressed, cleaned
+        cleaned = _utf8_safe(units.decode("utf-16-le", "surrogatepass"))
+        return addressed, re.sub(r"[ \t]{2,}", " ", cleaned).strip()
 
     # -- outbound ------------------------------------------------------------------------------
     def reply_chunk_chars(self) -> int:
@@ -532,6 +538,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _utf8_safe(text: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"): the store could not encode them, and a
+    message that can never be journaled would come back on every poll. They become "?"."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _attachments(msg: dict) -> tuple[Attachment, ...]:
     """Media of a message, described by file_id (never downloaded here)."""
     found: list[Attachment] = []
@@ -539,14 +555,14 @@ def _attachments(msg: dict) -> tuple[Attachment, ...]:
     if isinstance(photo, list) and photo and isinstance(photo[-1], dict):
         file_id = photo[-1].get("file_id")  # sizes come smallest first
         if isinstance(file_id, str) and file_id:
-            found.append(Attachment("image", file_id[:256]))
+            found.append(Attachment("image", _utf8_safe(file_id[:256])))
     for key, kind in (("document", "file"), ("voice", "voice"), ("audio", "voice"),
                       ("video", "video"), ("video_note", "video")):
         item = msg.get(key)
         if isinstance(item, dict) and isinstance(item.get("file_id"), str) and item["file_id"]:
             name = item.get("file_name")
-            found.append(Attachment(kind, item["file_id"][:256],
-                                    name[:200] if isinstance(name, str) else None))
+            found.append(Attachment(kind, _utf8_safe(item["file_id"][:256]),
+                                    _utf8_safe(name[:200]) if isinstance(name, str) else None))
     return tuple(found)
 
 
