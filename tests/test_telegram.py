@@ -283,6 +283,15 @@ def test_a_bad_token_stops_that_bot_only_and_the_other_keeps_answering(fake, tmp
         gw.shutdown()
 
 
+def test_check_names_the_bot_and_never_polls(fake):
+    detail = TelegramAdapter.check(TelegramConfig(**tg_section(fake)), full=True)
+    assert detail == "bot @hermes_test_bot id=123456789 webhook=none pending_updates=0"
+    with pytest.raises(FatalPlatformError, match="refused the bot token"):
+        TelegramAdapter.check(TelegramConfig(**tg_section(fake, token=BAD_TOKEN)))
+    # a poll (or deleteWebhook) here would disturb a gateway already running on this token
+    assert {c.method for c in fake.calls} == {"getme", "getwebhookinfo"}
+
+
 def test_garbage_updates_are_skipped_and_polling_goes_on(fake, gateway):
     gw, agent = gateway
     chat, group = fake.private_chat(), fake.group()
