@@ -312,6 +312,8 @@ class FakePlatformServer:
             parsed = None
         headers = {k[5:].replace("_", "-").title(): v for k, v in environ.items()
                    if k.startswith("HTTP_")}
+        if environ.get("CONTENT_TYPE"):  # WSGI keeps it out of the HTTP_* keys
+            headers["Content-Type"] = environ["CONTENT_TYPE"]
         return {"method": environ["REQUEST_METHOD"], "path": environ.get("PATH_INFO", ""),
                 "query": environ.get("QUERY_STRING", ""), "headers": headers,
                 "json": parsed, "body": body}
