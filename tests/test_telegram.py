@@ -397,8 +397,8 @@ def test_kill_9_between_journaling_and_the_next_poll_then_restart_answers_once(
     assert fake.replies_to(chat, mid) == []
     if not offset_saved:
         store = Store(tmp_path / "data").open()
-        assert store.bot_state_get("telegram", "offset") == uid + 1
-        store.bot_state_put("telegram", "offset", uid)  # as if the crash came before the save
+        assert store.state_get("telegram", "offset") == str(uid + 1)
+        store.state_put("telegram", "offset", str(uid))  # as if the crash came before the save
         store.close()
     polls_before = len(fake.poll_calls())
 

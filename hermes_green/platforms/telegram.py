@@ -238,8 +238,8 @@ class TelegramAdapter(LongPollAdapter):
         except ApiError as e:
             raise self._connection_error(e) from None
         if self._offset is None:
-            saved = self.saved_state.get(OFFSET_KEY)
-            self._offset = saved if _is_int(saved) and saved > 0 else 0
+            saved = self.saved_state.get(OFFSET_KEY)  # saved state holds strings
+            self._offset = int(saved) if saved is not None and saved.isdigit() else 0
         if self._poll_http is not None:
             self._poll_http.close()
         self._poll_http = requests.Session()
@@ -286,7 +286,7 @@ class TelegramAdapter(LongPollAdapter):
             return
         self._offset = uid + 1
         try:
-            self.saved_state.put(OFFSET_KEY, self._offset)
+            self.saved_state.put(OFFSET_KEY, str(self._offset))
         except Exception as e:  # a restart may see this update again; the journal knows it
             self.log.error("offset not saved platform=%s bot=%s offset=%d error=%s", self.name,
                            self.bot_id, self._offset, type(e).__name__)
