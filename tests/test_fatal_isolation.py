@@ -11,7 +11,8 @@ from tests.support import wait_until
 
 @pytest.fixture
 def fleet():
-    f = FakeFleet(llm_chunk_delay_s=0.001).start()
+    # the three WebSocket platforms, whose fakes count connections (conns)
+    f = FakeFleet(("wecom", "feishu", "qqbot"), llm_chunk_delay_s=0.001).start()
     yield f
     f.stop()
 

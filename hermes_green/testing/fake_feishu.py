@@ -55,7 +55,8 @@ import gevent.event
 import gevent.pool
 
 from hermes_green.platforms.feishu import load_frame_class
-from hermes_green.testing.harness import Conn, FakePlatformServer
+from .driver import Keepalive, PlatformDriver, ReplyRow
+from .harness import Conn, FakePlatformServer
 
 Frame = load_frame_class()
 
@@ -588,3 +589,45 @@ class FakeFeishuServer(FakePlatformServer):
         return 200, {"code": 0, "msg": "success",
                      "data": {"message_id": reply.reply_id, "chat_id": reply.chat_id,
                               "msg_type": "text", "parent_id": target or ""}}
+
+
+class Driver(PlatformDriver):
+    """The fleet's and the contract kit's handle on this fake (see testing/driver.py)."""
+    platform = "feishu"
+    max_reply_chars = 4000
+
+    def __init__(self, keepalive: Keepalive | None = None, *, secret: str | None = None) -> None:
+        super().__init__(keepalive, secret=secret)
+        k = self.keepalive
+        self.fake = FakeFeishuServer(app_id="cli_fleet", app_secret=secret or "feishu-fleet-secret",
+                                     ping_interval_s=k.interval_s,
+                                     keepalive_deadline_s=k.deadline_s)
+
+    def bot_config(self, **extra: Any) -> dict:
+        return {"app_id": self.fake.app_id, "app_secret": self.fake.app_secret,
+                "domain": self.fake.http_base, **extra}
+
+    def bad_credentials_config(self, **extra: Any) -> dict:
+        return self.bot_config(app_secret="not-the-secret", **extra)
+
+    def user_says(self, text: str, *, chat: int = 0, user: int | None = None,
+                  group: bool = False) -> str:
+        open_id = f"ou_user{chat if user is None else user}"
+        if group:
+            return self.fake.send_user_message(text, chat_type="group", open_id=open_id,
+                                               chat_id=f"oc_group{chat}", mention_bot=True)
+        return self.fake.send_user_message(text, chat_type="p2p", open_id=open_id)
+
+    def redeliver(self, message_id: str) -> None:
+        self.fake.redeliver(message_id)
+
+    def reply_rows(self) -> list[ReplyRow]:
+        return [ReplyRow(r.message_id or "", r.text, r.at) for r in self.fake.replies]
+
+    def lateness(self) -> list[float]:
+        return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)
+                for x in self.fake.keepalive_lateness(conn_id, self.keepalive.interval_s)]
+
+    def session_up_at(self, conn_id: int) -> float | None:
+        times = self.fake.keepalive_times.get(conn_id) or []
+        return times[0] if times else None

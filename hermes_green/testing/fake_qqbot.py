@@ -45,7 +45,8 @@ from typing import Any
 
 from geventwebsocket.websocket import WebSocket
 
-from hermes_green.testing.harness import Conn, FakePlatformServer
+from .driver import Keepalive, PlatformDriver, ReplyRow
+from .harness import Conn, FakePlatformServer
 
 INTENT_GROUP_AND_C2C = 1 << 25
 INTENT_DIRECT_MESSAGE = 1 << 12
@@ -468,3 +469,56 @@ class FakeQQBotServer(FakePlatformServer):
 
 def _iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S+08:00", time.localtime())
+
+
+class Driver(PlatformDriver):
+    """The fleet's and the contract kit's handle on this fake (see testing/driver.py)."""
+    platform = "qqbot"
+    max_reply_chars = 2000
+
+    def __init__(self, keepalive: Keepalive | None = None, *, secret: str | None = None) -> None:
+        super().__init__(keepalive, secret=secret)
+        k = self.keepalive
+        self.fake = FakeQQBotServer(app_id="102000777", client_secret=secret or "qq-fleet-secret",
+                                    heartbeat_interval_ms=int(k.interval_s * 1000),
+                                    heartbeat_deadline_s=k.deadline_s)
+
+    def bot_config(self, **extra: Any) -> dict:
+        return {"app_id": self.fake.app_id, "client_secret": self.fake.client_secret,
+                "api_base": self.fake.http_base, "token_url": self.fake.token_url, **extra}
+
+    def bad_credentials_config(self, **extra: Any) -> dict:
+        return self.bot_config(client_secret="not-the-secret", **extra)
+
+    def user_says(self, text: str, *, chat: int = 0, user: int | None = None,
+                  group: bool = False) -> str:
+        who = chat if user is None else user
+        if group:
+            return self.fake.send_user_message(text, kind="group",
+                                               group_openid=f"group-openid-{chat}",
+                                               member_openid=f"member-openid-{who}")
+        return self.fake.send_user_message(text, kind="c2c", openid=f"user-openid-{who}")
+
+    def redeliver(self, message_id: str) -> None:
+        m = self.fake.user_messages[message_id]
+        if m.kind == "group":
+            self.fake.dispatch("GROUP_AT_MESSAGE_CREATE", {
+                "id": message_id, "content": " " + m.text, "timestamp": _iso(),
+                "group_openid": m.openid, "group_id": m.openid,
+                "author": {"member_openid": "member-openid-again", "id": "member-openid-again"}})
+        else:
+            self.fake.dispatch("C2C_MESSAGE_CREATE", {
+                "id": message_id, "content": m.text, "timestamp": _iso(),
+                "author": {"user_openid": m.openid, "id": m.openid}})
+
+    def reply_rows(self) -> list[ReplyRow]:
+        return [ReplyRow(r.msg_id, r.content, r.at) for r in self.fake.replies]
+
+    def lateness(self) -> list[float]:
+        return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)
+                for x in self.fake.keepalive_lateness(conn_id)]
+
+    def session_up_at(self, conn_id: int) -> float | None:
+        return next((f.at for f in self.fake.frames if f.direction == "out"
+                     and f.conn_id == conn_id and isinstance(f.data, dict)
+                     and f.data.get("t") in ("READY", "RESUMED")), None)

@@ -78,7 +78,8 @@ from typing import Any
 import gevent
 import gevent.event
 
-from hermes_green.testing.harness import FakePlatformServer
+from .driver import Keepalive, PlatformDriver, ReplyRow
+from .harness import FakePlatformServer
 
 DEFAULT_TOKEN = "123456789:AAH-fake-telegram-token-for-tests-0001"
 MAX_TEXT_CHARS = 4096  # tdlib/td OptionManager.cpp message_text_length_max default
@@ -774,3 +775,69 @@ def _entities(text: str) -> list[dict]:
 
 def _utf16_len(s: str) -> int:
     return len(s.encode("utf-16-le")) // 2
+
+
+class Driver(PlatformDriver):
+    """The fleet's and the contract kit's handle on this fake (see testing/driver.py). Telegram
+    has no connection: its keepalive is the long poll, `keepalive.interval_s` its timeout."""
+    platform = "telegram"
+    max_reply_chars = MAX_TEXT_CHARS
+
+    def __init__(self, keepalive: Keepalive | None = None, *, secret: str | None = None) -> None:
+        super().__init__(keepalive, secret=secret)
+        self.fake = FakeTelegramServer(**({"token": secret} if secret else {}))
+        self._silent_until = 0.0
+
+    def bot_config(self, **extra: Any) -> dict:
+        return {"token": self.fake.token, "api_base": self.fake.http_base,
+                "poll_timeout_s": max(1, round(self.keepalive.interval_s)), **extra}
+
+    def bad_credentials_config(self, **extra: Any) -> dict:
+        return self.bot_config(token="123456:not-a-token-the-server-knows", **extra)
+
+    def user_says(self, text: str, *, chat: int = 0, user: int | None = None,
+                  group: bool = False) -> str:
+        sender = self.fake.user((chat if user is None else user) + 1)
+        if group:
+            where = self.fake.group(chat + 1)
+            text = f"@{self.fake.username} {text}"
+        else:
+            where = self.fake.private_chat(sender)
+        mid = self.fake.user_sends(text, chat=where, user=sender)
+        return f"{where['id']}:{mid}"
+
+    def redeliver(self, message_id: str) -> None:
+        chat_id, _, mid = message_id.partition(":")
+        original = self.fake.bot().messages[(int(chat_id), int(mid))]
+        self.fake.inject_update({"message": dict(original)})
+
+    def reply_rows(self) -> list[ReplyRow]:
+        return [ReplyRow(f"{m.chat_id}:{m.reply_to}", m.edits[-1] if m.edits else m.text, m.at)
+                for m in self.fake.sent_messages() if m.reply_to is not None]
+
+    def drop(self) -> None:
+        """The server fails the polls in flight (a proxy or load balancer cut them)."""
+        self.fake.fail_next("getUpdates", 502, "Bad Gateway")
+        self.fake.release_polls(discard=True)
+
+    def go_silent(self, seconds: float) -> None:
+        """Polls are swallowed and never answered for `seconds` (a stuck connection)."""
+        self.fake.hold_polls()
+        gevent.spawn_later(seconds, self.fake.release_polls, discard=True)
+
+    def send_garbage(self) -> None:
+        self.fake.garbage_next("getUpdates")
+
+    def lateness(self) -> list[float]:
+        """The gap between one poll's answer and the next poll: how late the client polled."""
+        polls = [c for c in self.fake.poll_calls() if c.answered_at]
+        return [max(0.0, nxt.at - prev.answered_at) for prev, nxt in zip(polls, polls[1:])]
+
+    def session_up_at(self, conn_id: int) -> float | None:
+        polls = self.fake.poll_calls()
+        return polls[0].at if polls else None
+
+    def connected(self) -> bool:
+        polls = self.fake.poll_calls()
+        return bool(polls) and (polls[-1].status == 0
+                                or time.monotonic() - polls[-1].answered_at < 2.0)

@@ -36,6 +36,7 @@ from typing import Any
 
 import gevent
 
+from .driver import Keepalive, PlatformDriver, ReplyRow
 from .harness import Conn, FakePlatformServer
 
 ERR_OK = 0
@@ -346,3 +347,47 @@ def _event_frame(bot_id: str, eventtype: str, userid: str | None) -> dict:
         body["from"] = {"userid": userid}
     return {"cmd": "aibot_event_callback", "headers": {"req_id": f"ev-{uuid.uuid4().hex[:12]}"},
             "body": body}
+
+
+class Driver(PlatformDriver):
+    """The fleet's and the contract kit's handle on this fake (see testing/driver.py)."""
+    platform = "wecom"
+    max_reply_chars = 20480 // 3  # CONTENT_MAX_BYTES of UTF-8, with room for any script
+
+    def __init__(self, keepalive: Keepalive | None = None, *, secret: str | None = None) -> None:
+        super().__init__(keepalive, secret=secret)
+        k = self.keepalive
+        self.fake = FakeWeComServer(bot_id="aib-fleet", secret=secret or "wecom-fleet-secret",
+                                    ping_interval_s=k.interval_s,
+                                    keepalive_deadline_s=k.deadline_s)
+
+    def bot_config(self, **extra: Any) -> dict:
+        return {"bot_id": self.fake.bot_id, "secret": self.fake.secret, "url": self.fake.ws_url,
+                "ping_interval_s": self.keepalive.interval_s, **extra}
+
+    def bad_credentials_config(self, **extra: Any) -> dict:
+        return self.bot_config(secret="not-the-secret", **extra)
+
+    def user_says(self, text: str, *, chat: int = 0, user: int | None = None,
+                  group: bool = False) -> str:
+        userid = f"user{chat if user is None else user}"
+        if group:
+            return self.fake.send_user_message(text, chattype="group", userid=userid,
+                                               chatid=f"group-{chat}")
+        return self.fake.send_user_message(text, chattype="single", userid=userid)
+
+    def redeliver(self, message_id: str) -> None:
+        cb = next(c for c in self.fake.callbacks.values() if c.msgid == message_id)
+        self.fake.send_user_message("again", chattype=cb.chattype, userid=cb.userid,
+                                    chatid=cb.conv if cb.chattype == "group" else None,
+                                    msgid=message_id)
+
+    def reply_rows(self) -> list[ReplyRow]:
+        return [ReplyRow(r.msgid, r.content, r.at) for r in self.fake.replies]
+
+    def lateness(self) -> list[float]:
+        return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)
+                for x in self.fake.keepalive_lateness(conn_id, self.keepalive.interval_s)]
+
+    def session_up_at(self, conn_id: int) -> float | None:
+        return self.fake.subscribed_at.get(conn_id)

@@ -1,0 +1,134 @@
+"""One way to drive any platform's strict fake: what the demo fleet, the cascade test, the
+benchmarks and the adapter contract kit ask of a platform, answered by each fake module's
+`Driver` (a subclass of `PlatformDriver`), so none of them branches on a platform's name.
+
+A driver owns one fake server (and through it one or more bots' credentials) and speaks for
+its users: a user writes, the driver returns the platform's message id; the fake's own records
+(replies, keepalives, disconnects) are read back through the same few calls.
+
+Adding a platform: write `Driver` at the bottom of its fake module and name that module in the
+platform's `PlatformSpec.fake`; the fleet and the contract kit pick it up from the registry.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+# Disconnect reasons that are not failures: the test/bench ended the connection itself.
+BENIGN_DISCONNECTS = frozenset({"server_stopping", "kicked_by_test"})
+
+
+@dataclass
+class Keepalive:
+    """Keepalive timing every fake enforces: beats every `interval_s`, and a client whose last
+    beat is older than `deadline_s` is dropped. Long-poll platforms read `interval_s` as the
+    long-poll timeout."""
+    interval_s: float = 1.0
+    deadline_s: float = 1.5
+
+
+@dataclass
+class ReplyRow:
+    """One reply the fake accepted: which inbound message it answers, its text, when (monotonic
+    time at the fake)."""
+    message_id: str
+    text: str
+    at: float
+
+
+class PlatformDriver:
+    platform: ClassVar[str]
+    # How the platform treats an event we did not acknowledge (the contract kit's journal-failure
+    # scenario needs the fake to behave like the real server): nothing to set for the fake.
+    max_reply_chars: ClassVar[int] = 2000
+
+    def __init__(self, keepalive: Keepalive | None = None, *, secret: str | None = None) -> None:
+        self.keepalive = keepalive or Keepalive()
+        self.secret = secret
+        self.fake: Any = None  # the fake server, made by the subclass
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "PlatformDriver":
+        self.fake.start()
+        return self
+
+    def stop(self) -> None:
+        self.fake.stop()
+
+    # -- configuration -----------------------------------------------------------------------
+    def bot_config(self, **extra: Any) -> dict:
+        """The `platforms.<name>` section that connects a gateway to this fake."""
+        raise NotImplementedError
+
+    def bad_credentials_config(self, **extra: Any) -> dict:
+        """A section the fake refuses for good (wrong secret or token)."""
+        raise NotImplementedError
+
+    # -- users -------------------------------------------------------------------------------
+    def user_says(self, text: str, *, chat: int = 0, user: int | None = None,
+                  group: bool = False) -> str:
+        """A user writes to the bot (in a group: addressed to the bot, as the platform requires
+        for the bot to be told). Returns the platform's message id, as the adapter journals it."""
+        raise NotImplementedError
+
+    def redeliver(self, message_id: str) -> None:
+        """The platform delivers that message again (same id), as after a lost ack."""
+        raise NotImplementedError
+
+    def reply_rows(self) -> list[ReplyRow]:
+        """Every reply the fake accepted, in order."""
+        raise NotImplementedError
+
+    def answers(self, message_id: str) -> list[str]:
+        return [r.text for r in self.reply_rows() if r.message_id == message_id]
+
+    # -- faults ------------------------------------------------------------------------------
+    def drop(self) -> None:
+        """Cut every live connection (or the long poll) without a goodbye."""
+        self.fake.drop()
+
+    def go_silent(self, seconds: float) -> None:
+        """The server stops answering anything (a zombie connection)."""
+        self.fake.go_silent(seconds)
+
+    def send_garbage(self) -> None:
+        """Push malformed input at the client (bad JSON, invalid frames)."""
+        self.fake.send_garbage('{"not": "a frame')
+
+    # -- health ------------------------------------------------------------------------------
+    def lateness(self) -> list[float]:
+        """How late each keepalive (or long poll) arrived against its timetable, seconds."""
+        raise NotImplementedError
+
+    def keepalives(self) -> int:
+        return len(self.lateness())
+
+    def session_up_at(self, conn_id: int) -> float | None:
+        """monotonic time at which the session on that connection was established."""
+        raise NotImplementedError
+
+    def disconnects(self) -> list:
+        return [d for d in self.fake.disconnects if d.reason not in BENIGN_DISCONNECTS]
+
+    def connected(self) -> bool:
+        return bool(self.fake.live_conns())
+
+    def wait_changed(self) -> Any:
+        """An event set whenever the fake records something (for waits without sleeps)."""
+        return self.fake._changed
+
+
+def driver_class(platform: str) -> type[PlatformDriver] | None:
+    """The driver of a registered platform (None when its fake module has none yet)."""
+    from ..platforms import registry
+    spec = registry.spec(platform)
+    if spec.fake is None:
+        return None
+    module = importlib.import_module(spec.fake.partition(":")[0])
+    return getattr(module, "Driver", None)
+
+
+def platforms_with_drivers() -> list[str]:
+    from ..platforms import registry
+    return [name for name in registry.platforms() if driver_class(name) is not None]
