@@ -173,8 +173,9 @@ def health(gateway) -> dict[str, Any]:
     platforms = {}
     for name in _platform_names(gateway):
         doc = _platform_state(gateway, name)
-        platforms[name] = {k: doc[k] for k in ("state", "connected_since", "reconnects",
-                                               "last_error", "heartbeat_lateness_p99_ms")}
+        platforms[name] = {k: doc.get(k) for k in ("state", "connected_since", "reconnects",
+                                                   "last_error", "heartbeat_lateness_p99_ms",
+                                                   "undeliverable", "held")}
     hub = gateway.hub_watch
     # A store that lost its file (store.health()) makes the gateway degraded, and says why.
     store = _safe(gateway.store.health, {"ok": False, "error": "store unavailable"})
@@ -185,6 +186,9 @@ def health(gateway) -> dict[str, Any]:
         "hub": {"lateness_p99_ms": round(hub.lateness_p99_ms(), 2) if hub else None,
                 "blocked_reports": hub.blocked_count if hub else 0},
         "outbox_pending": _safe(gateway.store.outbox_pending),
+        # replies a platform refused for good (e.g. past QQ's passive window, proactive quota
+        # used up): kept in the outbox as dead rows for inspection, counted here
+        "undeliverable_replies": _safe(gateway.store.outbox_dead_count),
         **({} if store["ok"] else {"store": store}),
     }
 

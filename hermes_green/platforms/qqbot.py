@@ -22,7 +22,13 @@ The protocol, as this module speaks it (shared/PROTOCOLS.md, "QQ Bot"):
     check()        the token, GET /users/@me (the bot's identity) and GET /gateway/bot
     send(out)      POST /v2/users/{openid}/messages or /v2/groups/{group_openid}/messages with
                    msg_seq = part index + 1, so a re-send repeats the pair and 40054005 means
-                   "already delivered"
+                   "already delivered". A reply is passive (msg_id) only within the message's
+                   window (60 min C2C, 5 min group, less a safety margin); an answer that comes
+                   later goes out proactively (no msg_id), which QQ limits to a few a month per
+                   chat. A refused proactive send is undeliverable: reported by the gateway (log
+                   line, metric, /healthz count), never only buried in the dead outbox. A
+                   proactive send has no dedupe key on the wire: a crash between the server
+                   accepting it and the outbox row being deleted can repeat it.
 
 Facts not verified against the live platform are marked *unverified*.
 """
@@ -37,7 +43,7 @@ from urllib.parse import quote
 import gevent
 import requests
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, FatalPlatformError, JournalFailure, SendError
@@ -62,6 +68,7 @@ EVENT_GROUP_AT = "GROUP_AT_MESSAGE_CREATE"
 # A repeated (msg_id, msg_seq) pair: the reply went out before (we re-sent after a restart).
 CODE_DUPLICATE_REPLY = 40054005
 MAX_REPLY_PARTS = 5  # passive replies allowed per inbound message
+PASSIVE_MARGIN_S = 15.0  # stop using msg_id this long before its window closes (request time)
 # Our choice: the platform's limit for one text message is *unverified*; 2000 characters stays
 # well inside what users report working and keeps 5 parts at 10,000 characters.
 REPLY_CHUNK_CHARS = 2000
@@ -188,6 +195,10 @@ class QQBotConfig(BotConfig):
     token_url: str = "https://bots.qq.com/app/getAppAccessToken"
     # GROUP_AND_C2C_EVENT (1<<25); add 1<<30 / 1<<12 for guild channels and guild DMs.
     intents: int = 1 << 25
+    # How long a passive reply (with msg_id) is accepted after the user's message (send.html:
+    # 60 min in C2C, 5 min in groups); later answers go out proactively.
+    passive_window_c2c_s: float = Field(3600.0, gt=0)
+    passive_window_group_s: float = Field(300.0, gt=0)
 
 
 class QQBotAdapter(WebSocketAdapter):
@@ -395,7 +406,7 @@ class QQBotAdapter(WebSocketAdapter):
         return InboundMessage(
             platform=self.name, message_id=msg_id, chat_id=chat, user_id=user, text=text,
             chat_type="dm" if kind == "c2c" else "group", attachments=attachments,
-            reply_ref={"msg_id": msg_id, "kind": kind, "openid": chat})
+            reply_ref={"msg_id": msg_id, "kind": kind, "openid": chat, "at": time.time()})
 
     def _attachments(self, raw: Any, msg_id: str) -> tuple[Attachment, ...]:
         if not isinstance(raw, list):
@@ -486,6 +497,16 @@ class QQBotAdapter(WebSocketAdapter):
         return self._http.request(method, self._api_base + path, json=body, timeout=REST_TIMEOUT,
                                   headers={"Authorization": f"QQBot {token}"})
 
+    def _within_passive_window(self, ref: dict, kind: str) -> bool:
+        """Whether a passive reply to this message is still accepted. Rows journaled before the
+        receipt time was kept have none: they are tried passively, as before."""
+        at = ref.get("at")
+        if not isinstance(at, (int, float)) or isinstance(at, bool):
+            return True
+        window = (self.config.passive_window_c2c_s if kind == "c2c"
+                  else self.config.passive_window_group_s)
+        return time.time() - at < window - min(PASSIVE_MARGIN_S, window / 4)
+
     def max_reply_parts(self) -> int | None:
         return MAX_REPLY_PARTS
 
@@ -505,7 +526,13 @@ class QQBotAdapter(WebSocketAdapter):
         msg_seq = out.seq + 1
         path = (f"/v2/users/{quote(openid, safe='')}/messages" if kind == "c2c"
                 else f"/v2/groups/{quote(openid, safe='')}/messages")
-        body = {"msg_type": 0, "content": out.text, "msg_id": msg_id, "msg_seq": msg_seq}
+        body: dict[str, Any] = {"msg_type": 0, "content": out.text}
+        proactive = not self._within_passive_window(ref, kind)
+        if proactive:
+            self.log.info("reply past the passive window platform=qqbot chat=%s msg=%s "
+                          "part=%d: sending proactively", out.chat_id, msg_id, out.seq)
+        else:
+            body.update(msg_id=msg_id, msg_seq=msg_seq)
         try:
             resp = self._api("POST", path, body, label="reply")
         except requests.RequestException as e:
@@ -523,6 +550,9 @@ class QQBotAdapter(WebSocketAdapter):
                           out.chat_id, msg_id, msg_seq)
             return
         detail = f"HTTP {status} code {answer.get('code')}: {str(answer.get('message'))[:120]}"
+        if proactive and 400 <= status < 500 and status != 429:
+            raise SendError(f"proactive reply refused ({detail}): the passive window of "
+                            f"{msg_id} had passed", retryable=False)
         if status == 429:
             raise SendError(f"rate limited ({detail})", retry_after=_retry_after(resp))
         if status >= 500 or status in (401, 408):

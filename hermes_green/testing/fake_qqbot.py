@@ -60,6 +60,10 @@ CODE_BAD_MSG_ID = 40034024
 CODE_WINDOW_EXPIRED = 40034025
 CODE_REPLY_LIMIT = 40034026
 CODE_BAD_REQUEST = 40034001
+CODE_PROACTIVE_LIMIT = 40034029  # the fake's own code: the real one is *unverified*
+# send.html (bot.q.qq.com wiki, api-v2 message send): passive replies 60 min in C2C, 5 min in
+# groups, 5 per message; proactive messages 4 a month per user and per group.
+PROACTIVE_QUOTA_PER_MONTH = 4
 
 # The platform's docs say only that a connection resumed "within a short time" gets the events it
 # missed (断开之后短时间内重连会补发中间遗漏的事件); the window is *unverified*. One minute is a
@@ -71,13 +75,14 @@ _REPLY_PATH = re.compile(r"^/v2/(users|groups)/([^/]+)/messages$")
 
 @dataclass
 class Reply:
-    msg_id: str
+    msg_id: str  # the message answered (for a proactive send: the chat's latest user message)
     msg_seq: int
     content: str
     kind: str  # "c2c" | "group"
     openid: str  # user openid or group openid
     at: float  # time.monotonic()
     reply_id: str
+    proactive: bool = False  # sent without msg_id (past the passive window)
 
 
 @dataclass
@@ -116,7 +121,8 @@ class FakeQQBotServer(FakePlatformServer):
                  token_ttl_s: float = 7200.0, token_renew_window_s: float = 60.0,
                  reply_window_dm_s: float = 3600.0, reply_window_group_s: float = 300.0,
                  max_replies_per_msg: int = 5, allowed_intents: int = ALL_INTENTS,
-                 resume_window_s: float = RESUME_WINDOW_S) -> None:
+                 resume_window_s: float = RESUME_WINDOW_S,
+                 proactive_quota: int = PROACTIVE_QUOTA_PER_MONTH) -> None:
         super().__init__()
         self.app_id, self.client_secret = app_id, client_secret
         self.heartbeat_interval_ms = heartbeat_interval_ms
@@ -126,6 +132,8 @@ class FakeQQBotServer(FakePlatformServer):
         self.token_ttl_s, self.token_renew_window_s = token_ttl_s, token_renew_window_s
         self.reply_window_s = {"c2c": reply_window_dm_s, "group": reply_window_group_s}
         self.max_replies_per_msg = max_replies_per_msg
+        self.proactive_quota = proactive_quota  # per chat and month
+        self.proactive_sent: dict[tuple[str, str], int] = {}  # (kind, openid) -> this month
         self.allowed_intents = allowed_intents
         self.resume_window_s = resume_window_s
         # botpy (botpy/robot.py Robot._update) reads the id as int(data["id"]): digits only.
@@ -325,6 +333,8 @@ class FakeQQBotServer(FakePlatformServer):
         if self._fail_replies:
             status = self._fail_replies.pop(0)
             return self._reject(msg_id, msg_seq, status, status, "injected failure")
+        if msg_id is None and "event_id" not in body:
+            return self._proactive(kind, openid, body)
         content = body.get("content")
         if (body.get("msg_type") != 0 or not isinstance(content, str) or not content
                 or not isinstance(msg_seq, int) or isinstance(msg_seq, bool) or msg_seq < 1):
@@ -344,6 +354,28 @@ class FakeQQBotServer(FakePlatformServer):
                                 "passive reply limit reached")
         reply = Reply(msg_id, msg_seq, content, kind, openid, time.monotonic(),
                       uuid.uuid4().hex)
+        self.replies.append(reply)
+        self.changed()
+        return 200, {"id": reply.reply_id, "timestamp": _iso()}
+
+    def _proactive(self, kind: str, openid: str, body: dict) -> tuple:
+        """A message without msg_id: allowed only to a chat that wrote to the bot, within the
+        monthly quota per chat (send.html: "主动消息每月 4 条,超额会发送失败", for users and
+        groups alike; QQ has since reduced proactive sends further: *unconfirmed*)."""
+        content = body.get("content")
+        if body.get("msg_type") != 0 or not isinstance(content, str) or not content:
+            return self._reject(None, None, 400, CODE_BAD_REQUEST, "invalid request")
+        latest = max((m for m in self.user_messages.values()
+                      if m.kind == kind and m.openid == openid), key=lambda m: m.at, default=None)
+        if latest is None:
+            return self._reject(None, None, 400, CODE_BAD_REQUEST, "chat never wrote to the bot")
+        used = self.proactive_sent.get((kind, openid), 0)
+        if used >= self.proactive_quota:
+            return self._reject(None, None, 400, CODE_PROACTIVE_LIMIT,
+                                "proactive message limit reached")
+        self.proactive_sent[(kind, openid)] = used + 1
+        reply = Reply(latest.msg_id, 0, content, kind, openid, time.monotonic(),
+                      uuid.uuid4().hex, proactive=True)
         self.replies.append(reply)
         self.changed()
         return 200, {"id": reply.reply_id, "timestamp": _iso()}
