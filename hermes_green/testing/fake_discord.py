@@ -11,6 +11,7 @@ issue threads where the docs are silent. Rules the docs do not state are marked 
 
 What it enforces (each rule is what the real gateway or API does to a client that breaks it):
 - gateway URL: `?v=10` (else close 4012, CODES) and `encoding=json` (else 4002, *unverified*);
+  `compress=zlib-stream` is spoken (one zlib context per connection, GW "Transport Compression");
   Hello (op 10) with an integer `heartbeat_interval` in ms first (EV "Hello").
 - heartbeats: op 1 with `d` = last seq or null (EV "Heartbeat"), answered by op 11 (GW "Sending
   Heartbeats"); a client whose beat is more than `heartbeat_tolerance` intervals late is closed
@@ -76,6 +77,7 @@ import re
 import struct
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -243,6 +245,7 @@ class FakeDiscordServer(FakePlatformServer):
         self.nonce_hits = 0
         # state
         self.channels: dict[str, Channel] = {}
+        self.dm_channels: dict[str, str] = {}  # author id -> DM channel id
         self.sessions: dict[str, Session] = {}
         self.current: Session | None = None
         self.pending: list[tuple[str, dict]] = []
@@ -281,9 +284,11 @@ class FakeDiscordServer(FakePlatformServer):
                    author_bot: bool = False, attachments: list[dict] | None = None,
                    reply_to: str | None = None) -> str:
         """A user (or another bot, with author_bot) posts a message; returns its id. DMs go to the
-        DM channel `dm-<author>`; `mention` puts `<@bot>` in front and the bot in `mentions`."""
+        author's DM channel (one snowflake per author, `dm_channels`); `mention` puts `<@bot>` in front and the bot in `mentions`."""
         if dm:
-            ch = self.channel(channel_id or f"dm-{author_id}", None)
+            if channel_id is None:
+                channel_id = self.dm_channels.setdefault(author_id, self.snowflake())
+            ch = self.channel(channel_id, None)
         else:
             ch = self.channel(channel_id or "810000000000000001", guild_id)
         content = f"<@{self.bot_id}> {text}" if mention else text
@@ -411,6 +416,8 @@ class FakeDiscordServer(FakePlatformServer):
     def routes(self):
         return {
             ("GET", "/api/v10/gateway/bot"): self._gateway_bot,
+            ("GET", "/api/v10/users/@me"): self._users_me,
+            ("GET", "/api/v10/oauth2/applications/@me"): self._application_me,
             ("POST", "/api/v10/channels/"): self._channel_post,
             ("PATCH", "/api/v10/channels/"): self._channel_patch,
         }
@@ -506,6 +513,18 @@ class FakeDiscordServer(FakePlatformServer):
                                     "reset_after": 86_400_000,
                                     "max_concurrency": self.max_concurrency}}, headers)
 
+    def _users_me(self, request: dict) -> tuple:
+        """The bot's own user (discord.py's login asks for it before anything else)."""
+        return self._unauthorized(request) or self._answer(request, 200, self._bot_user())
+
+    def _application_me(self, request: dict) -> tuple:
+        """The bot's application (discord.py's login asks for it too)."""
+        return self._unauthorized(request) or self._answer(request, 200, {
+            "id": self.bot_id, "name": "hermes-fake", "description": "", "icon": None,
+            "bot_public": False, "bot_require_code_grant": False, "verify_key": "0" * 64,
+            "owner": {"id": "700000000000000099", "username": "owner", "discriminator": "0",
+                      "avatar": None}, "flags": 0})
+
     def _channel_for(self, request: dict, channel_id: str) -> tuple | Channel:
         ch = self.channels.get(channel_id)
         if ch is None:
@@ -553,8 +572,9 @@ class FakeDiscordServer(FakePlatformServer):
         reference = body.get("message_reference")
         ref_id = None
         if reference is not None:
-            ref_id = reference.get("message_id") if isinstance(reference, dict) else None
-            target = self.messages.get(ref_id) if isinstance(ref_id, str) else None
+            ref_id = _snowflake(reference.get("message_id")) if isinstance(reference, dict) \
+                else None
+            target = self.messages.get(ref_id) if ref_id else None
             fail = reference.get("fail_if_not_exists", True) if isinstance(reference, dict) else True
             if target is None or target.channel_id != ch.id:
                 if fail is not False:
@@ -654,7 +674,22 @@ class FakeDiscordServer(FakePlatformServer):
     def _send(self, conn: Conn, data: dict) -> bool:
         if conn.state.get("zombie"):
             return False
-        return conn.send(data)
+        compressor = conn.state.get("zlib")
+        if compressor is None:
+            return conn.send(data)
+        # GW "Transport Compression": one zlib context per connection, each payload ends
+        # with a Z_SYNC_FLUSH (00 00 ff ff) and goes out as a binary frame.
+        if conn.closed.is_set() or self.silent_until > time.monotonic():
+            return False
+        raw = json.dumps(data, ensure_ascii=False).encode()
+        try:
+            conn.ws.send(compressor.compress(raw) + compressor.flush(zlib.Z_SYNC_FLUSH),
+                         binary=True)
+        except Exception:
+            conn.close(None, reason="send_failed")
+            return False
+        self.record("out", conn, data)
+        return True
 
     def on_connect(self, conn: Conn, request: dict) -> bool:
         query = parse_qs(request.get("query") or "")
@@ -667,6 +702,11 @@ class FakeDiscordServer(FakePlatformServer):
             return True
         if query.get("encoding", ["json"]) != ["json"]:
             conn.close(CLOSE_DECODE_ERROR, "Only json encoding here", reason="bad_encoding")
+            return True
+        if query.get("compress") == ["zlib-stream"]:
+            conn.state["zlib"] = zlib.compressobj()
+        elif "compress" in query:  # zstd-stream exists (GW) but this fake does not speak it
+            conn.close(CLOSE_DECODE_ERROR, "Unsupported compression", reason="bad_compress")
             return True
         interval_s = self.heartbeat_interval_ms / 1000.0
         # The first beat comes after interval * jitter (<= 1 interval), later ones every
@@ -807,7 +847,7 @@ class FakeDiscordServer(FakePlatformServer):
         self.log_event("resume", conn)
         for frame in missed:
             self._send(conn, frame)
-        self._dispatch(session, "RESUMED", None, store=False)
+        self._dispatch(session, "RESUMED", {}, store=False)  # d is an object (discord.py reads it)
 
     def _bind(self, session: Session, conn: Conn) -> None:
         old = session.conn
@@ -877,6 +917,17 @@ class _TooLarge:
 
 class _Undecodable:
     """A client payload that is not JSON (closed with 4002)."""
+
+
+def _snowflake(value: Any) -> str | None:
+    """Snowflakes arrive as strings or integers (discord.py sends integers): the string form."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value > 0:
+        return str(value)
+    if isinstance(value, str) and value.isdigit():
+        return value
+    return None
 
 
 def _iso() -> str:
