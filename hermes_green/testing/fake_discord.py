@@ -861,8 +861,9 @@ class FakeDiscordServer(FakePlatformServer):
         conn.closed.wait()
         if session.conn is conn:
             self._detach(session)
-        # GW "Initiating a Disconnect": a client close with 1000/1001 ends the session.
-        if conn.state.get("client_close_code") in (1000, 1001):
+        # GW "Initiating a Disconnect": a client close with 1000/1001 ends the session (unless
+        # the link was dead: then that close frame never reached the server).
+        if conn.state.get("client_close_code") in (1000, 1001) and not conn.state.get("zombie"):
             session.valid = False
 
     def _detach(self, session: Session) -> None:
