@@ -280,6 +280,11 @@ def test_a_reply_to_a_channel_the_bot_cannot_see_is_refused_and_the_connection_s
     hidden = delivered(h, h.fake.user_sends("psst", channel_id="810000000000000066",
                                             mention=True))
     h.fake.hide_channel("810000000000000066")
+    for i in range(15):  # the agent streams while typing and progress are refused (403)
+        h.adapter.progress(hidden.reply_ref, "partial " * (i + 1))
+        gevent.sleep(0.1)
+    refused = [r for r in h.fake.rejected if "810000000000000066" in r.path]
+    assert len(refused) == 1, refused  # given up at once: 403s count towards a ban
     with pytest.raises(SendError) as e:
         reply(h, hidden)
     assert not e.value.retryable and "50001" in str(e.value)

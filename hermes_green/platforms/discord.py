@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import re
 import time
@@ -72,6 +73,7 @@ REIDENTIFY_CLOSE_CODES = frozenset({4007, 4009})  # "Reconnect and start a new s
 # close with 4000 so a reconnect (or a restart) can still resume.
 RESUMABLE_CLOSE_CODE = 4000
 
+ROUTINE_SKIPS = frozenset({"own_message", "bot_author", "no_mention", "not_a_user_message"})
 MESSAGE_TYPES = {0, 19}  # DEFAULT and REPLY; joins, pins, thread notices are not for us
 MAX_CONTENT_CHARS = 2000
 MAX_ATTACHMENTS = 10
@@ -241,6 +243,7 @@ class DiscordAdapter(WebSocketAdapter):
         self.seq: int | None = None
         self.resume_url: str | None = None
         self._hello_seen = False
+        self._seq_matters = False
         self._progress: dict[str, _Progress] = {}
         self._typing: dict[str, tuple[gevent.Greenlet, list[float]]] = {}
         self._load_session()
@@ -353,7 +356,7 @@ class DiscordAdapter(WebSocketAdapter):
             raise ConnectionLost("bad_hello", "no usable heartbeat_interval")
         interval = clamp_interval(interval_ms / 1000.0, MIN_HEARTBEAT_S, MAX_HEARTBEAT_S,
                                   default=41.25)
-        first = self._hello_seen
+        again = self._hello_seen
         self._hello_seen = True
         # The first beat after interval * jitter ("to prevent too many clients from reconnecting
         # at the exact same time"), then the kit's timetable every interval from there.
@@ -361,7 +364,7 @@ class DiscordAdapter(WebSocketAdapter):
         conn = self.conn
         if conn is not None:
             conn.spawn(self._start_heartbeat_after, conn, jitter, interval, job="heartbeat-jitter")
-        if first:
+        if again:
             return  # a second Hello only re-times the heartbeat
         if self.session_id is not None:
             self._send_resume()
@@ -414,7 +417,8 @@ class DiscordAdapter(WebSocketAdapter):
         s = frame.get("s")
         if _is_int(s) and s > 0 and (self.seq is None or s > self.seq):
             self.seq = s
-            if event == "MESSAGE_CREATE":
+            if self._seq_matters:  # a message was handed up: a restart resumes after it
+                self._seq_matters = False
                 self._save_session()
 
     def _on_ready(self, d: Any) -> None:
@@ -445,6 +449,7 @@ class DiscordAdapter(WebSocketAdapter):
             return
         # A journal failure raises ConnectionLost here (JournalFailure.REPLAY).
         outcome = self.deliver(msg)
+        self._seq_matters = True
         self.log.info("inbound platform=discord bot=%s chat=%s msg=%s kind=%s outcome=%s "
                       "attachments=%d", self.bot_id, msg.chat_id, msg.message_id, msg.chat_type,
                       outcome.value, len(msg.attachments))
@@ -483,9 +488,10 @@ class DiscordAdapter(WebSocketAdapter):
         attachments = self._attachments(d.get("attachments"), msg_id)
         if why is None and not text and not attachments:
             why = "empty"  # stickers only, or MESSAGE_CONTENT not granted
-        if why is not None:
-            self.log.info("event skipped platform=discord bot=%s chat=%s msg=%s reason=%s",
-                          self.bot_id, channel_id, msg_id, why)
+        if why is not None:  # chatter not meant for us is routine: debug; the rest is news
+            level = logging.DEBUG if why in ROUTINE_SKIPS else logging.INFO
+            self.log.log(level, "event skipped platform=discord bot=%s chat=%s msg=%s reason=%s",
+                         self.bot_id, channel_id, msg_id, why)
             return None
         ref = {"channel_id": channel_id, "message_id": msg_id}
         if guild_id:
@@ -582,9 +588,10 @@ class DiscordAdapter(WebSocketAdapter):
                     return
         body: dict[str, Any] = {
             "content": out.text,
-            "allowed_mentions": {"parse": ["users"], "replied_user": True},
-            "nonce": nonce_for(self.bot_id, reply_to or out.chat_id, out.seq),
-            "enforce_nonce": True}
+            "allowed_mentions": {"parse": ["users"], "replied_user": True}}
+        part_of = reply_to or (f"outbox-{out.outbox_id}" if out.outbox_id is not None else "")
+        if part_of:  # a message nothing identifies goes without: it could not be matched
+            body.update(nonce=nonce_for(self.bot_id, part_of, out.seq), enforce_nonce=True)
         if reply_to:
             # fail_if_not_exists false: if the user deleted their message, the answer still
             # goes out, as a plain message (MSG "Message Reference Structure").
@@ -681,12 +688,15 @@ class DiscordAdapter(WebSocketAdapter):
         else:
             resp = self._rest("PATCH", "PATCH /channels/{id}/messages/{mid}",
                               f"/channels/{st.channel_id}/messages/{st.posted_id}",
-                              st.channel_id, {"content": shown}, max_wait_s=0.0)
+                              st.channel_id, {"content": shown, "allowed_mentions": {"parse": []}},
+                              max_wait_s=0.0)
             if resp.status_code == 200:
                 st.shown = shown
         if resp.status_code != 200:
             self.log.info("progress refused platform=discord bot=%s chat=%s status=%d",
                           self.bot_id, st.channel_id, resp.status_code)
+            if 400 <= resp.status_code < 500:
+                st.done = True  # refused for good (no access...): the final send decides
 
     def _end_progress(self, msg_id: str, channel_id: str) -> None:
         st = self._progress.pop(msg_id, None)
@@ -719,8 +729,10 @@ class DiscordAdapter(WebSocketAdapter):
     def _typing_loop(self, channel_id: str, deadline: list[float]) -> None:
         while time.monotonic() < deadline[0] and not self.stopping:
             try:
-                self._rest("POST", "POST /channels/{id}/typing", f"/channels/{channel_id}/typing",
-                           channel_id, max_wait_s=0.0)
+                resp = self._rest("POST", "POST /channels/{id}/typing",
+                                  f"/channels/{channel_id}/typing", channel_id, max_wait_s=0.0)
+                if 400 <= resp.status_code < 500:  # no access: stop asking (invalid requests
+                    break  # count towards Discord's 10,000 per 10 minutes ban threshold)
             except (RateLimited, requests.RequestException) as e:
                 self.log.debug("typing not shown platform=discord bot=%s chat=%s error=%s",
                                self.bot_id, channel_id, e)

@@ -119,7 +119,7 @@ CLOSE_INVALID_INTENTS = 4013
 CLOSE_DISALLOWED_INTENTS = 4014
 # Codes after which the session cannot be resumed ("Reconnect and start a new session").
 SESSION_ENDING_CLOSES = {CLOSE_AUTHENTICATION_FAILED, CLOSE_INVALID_SEQ, CLOSE_SESSION_TIMED_OUT,
-                         *range(4010, 4015), 1000, 1001}
+                         *range(4010, 4015)}
 
 # JSON error codes (CODES "JSON Error Codes").
 CODE_UNKNOWN_CHANNEL = 10003
