@@ -615,3 +615,71 @@ def test_no_message_lost_or_answered_twice_through_many_faults(make):
     assert set(sent) == h.journal.seen and len(h.journal.messages) == len(sent)
     assert_answered_exactly_once(h, sent)
     assert h.fake.rejected == [] and h.fake.rate_limited == []
+
+
+# --- through the real gateway ----------------------------------------------------------------
+
+@pytest.fixture
+def stack(tmp_path):
+    """A real Gateway (store, sessions, LLM agent, outbox) on the fake Discord and fake LLM."""
+    from hermes_green.config import Config
+    from hermes_green.gateway import Gateway
+    from hermes_green.testing.fake_llm import FakeLLM
+    from tests.support import wait_until
+
+    llm = FakeLLM(api_key="sk-discord-e2e", chunk_delay_s=0.001).start()
+    fake = FakeDiscordServer(heartbeat_interval_ms=INTERVAL_MS, heartbeat_tolerance=3.0,
+                             message_limit=(50, 1.0), edit_limit=(50, 1.0)).start()
+    config = Config.model_validate({
+        "gateway": {"data_dir": str(tmp_path / "data"), "status": {"enabled": False}},
+        "agent": {"base_url": llm.base_url, "api_key": "sk-discord-e2e", "model": "fake-model",
+                  "max_retries": 1},
+        "platforms": {"discord": {"token": fake.token, "api_base": fake.api_base,
+                                  "backoff": {"initial_s": 0.05, "max_s": 0.5}}}})
+    gateways = []
+
+    def start():
+        gw = Gateway(config).start()
+        gateways.append(gw)
+        wait_until(lambda: "discord" in gw.adapters and gw.adapters["discord"].ready.is_set(),
+                   what="discord ready")
+        return gw
+
+    yield SimpleNamespace(llm=llm, fake=fake, start=start)
+    for gw in gateways:
+        gw.shutdown()
+    fake.stop()
+    llm.stop()
+
+
+def test_through_the_gateway_a_dm_is_streamed_typed_and_split_into_2000_char_parts(stack):
+    from hermes_green.testing.fake_llm import text
+
+    stack.start()
+    answer = "\n\n".join(f"part {i}: " + "words " * 120 for i in range(7))  # ~5,000 chars
+    stack.llm.script(text(answer, chunk_chars=80, delay_s=0.03))  # ~2 s of streaming
+    mid = stack.fake.user_sends("tell me a long story", dm=True)
+    parts = split_reply(answer, 2000)
+    stack.fake.wait_for(lambda: [m.content for m in stack.fake.replies_to(mid)] == parts, 20)
+    sent = stack.fake.replies_to(mid)
+    assert len(parts) > 2 and all(len(p) <= 2000 for p in parts)
+    assert sent[0].edits[-1] == parts[0] and len(sent[0].edits) >= 2  # progress, then final
+    assert [c for c, _ in stack.fake.typing][0] == sent[0].channel_id
+    assert stack.fake.rejected == [] and stack.fake.rate_limited == []
+
+
+def test_through_the_gateway_a_restart_resumes_and_answers_what_came_meanwhile_once(stack):
+    from hermes_green.testing.fake_llm import text
+
+    stack.llm.script(text("first answer"), text("second answer"))
+    gw = stack.start()
+    first = stack.fake.user_sends("first", dm=True)
+    stack.fake.wait_for(lambda: [m.content for m in stack.fake.replies_to(first)]
+                        == ["first answer"], 10)
+    gw.shutdown()
+    missed = stack.fake.user_sends("sent while the gateway restarts", dm=True)
+    stack.start()
+    stack.fake.wait_for(lambda: [m.content for m in stack.fake.replies_to(missed)]
+                        == ["second answer"], 10)
+    assert stack.fake.resumes and len(stack.fake.identifies) == 1  # the same session, resumed
+    assert [m.content for m in stack.fake.sent_messages()] == ["first answer", "second answer"]
