@@ -196,7 +196,8 @@ class RateLimits:
         wait = retry_after_s(body.get("retry_after"))
         if wait is None:
             wait = retry_after_s(headers, default=1.0)
-        if body.get("global") is True or str(headers.get("X-RateLimit-Global", "")).lower() == "true":
+        is_global = str(headers.get("X-RateLimit-Global", "")).lower() == "true"
+        if body.get("global") is True or is_global:
             self._global_until = max(self._global_until, now + wait)
         else:
             b.remaining, b.reset_at = 0, max(b.reset_at, now + wait)
@@ -546,8 +547,9 @@ class DiscordAdapter(WebSocketAdapter):
         if wait > 0:
             gevent.sleep(wait)
         self.limits.take(route, major)
-        resp = self._http.request(method, self._api_base + path, json=body, timeout=REST_TIMEOUT,
-                                  headers={"Authorization": f"Bot {self.config.token.get_secret_value()}"})
+        auth = {"Authorization": f"Bot {self.config.token.get_secret_value()}"}
+        resp = self._http.request(method, self._api_base + path, json=body, headers=auth,
+                                  timeout=REST_TIMEOUT)
         answer = _json(resp) if resp.status_code >= 400 else {}
         retry = self.limits.update(route, major, resp.status_code, resp.headers, answer)
         if retry is not None:

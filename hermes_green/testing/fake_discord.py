@@ -283,8 +283,9 @@ class FakeDiscordServer(FakePlatformServer):
                    author_id: str = "700000000000000001", author_name: str = "alice",
                    author_bot: bool = False, attachments: list[dict] | None = None,
                    reply_to: str | None = None) -> str:
-        """A user (or another bot, with author_bot) posts a message; returns its id. DMs go to the
-        author's DM channel (one snowflake per author, `dm_channels`); `mention` puts `<@bot>` in front and the bot in `mentions`."""
+        """A user (or another bot, with author_bot) posts a message; returns its id. DMs go to
+        the author's DM channel (one snowflake per author, `dm_channels`); `mention` puts
+        `<@bot>` in front and the bot in `mentions`."""
         if dm:
             if channel_id is None:
                 channel_id = self.dm_channels.setdefault(author_id, self.snowflake())
@@ -572,10 +573,10 @@ class FakeDiscordServer(FakePlatformServer):
         reference = body.get("message_reference")
         ref_id = None
         if reference is not None:
-            ref_id = _snowflake(reference.get("message_id")) if isinstance(reference, dict) \
-                else None
+            reference = reference if isinstance(reference, dict) else {}
+            ref_id = _snowflake(reference.get("message_id"))
             target = self.messages.get(ref_id) if ref_id else None
-            fail = reference.get("fail_if_not_exists", True) if isinstance(reference, dict) else True
+            fail = reference.get("fail_if_not_exists", True)
             if target is None or target.channel_id != ch.id:
                 if fail is not False:
                     # Discord's inner error code here is *unverified*; the 50035 is documented.
@@ -712,8 +713,9 @@ class FakeDiscordServer(FakePlatformServer):
         # The first beat comes after interval * jitter (<= 1 interval), later ones every
         # interval: one deadline of interval * tolerance covers both.
         conn.expect_keepalive(interval_s * self.heartbeat_tolerance, None)
-        if self._send(conn, {"op": OP_HELLO, "d": {"heartbeat_interval": self.heartbeat_interval_ms},
-                             "s": None, "t": None}):
+        hello = {"op": OP_HELLO, "d": {"heartbeat_interval": self.heartbeat_interval_ms},
+                 "s": None, "t": None}
+        if self._send(conn, hello):
             self.hello_times[conn.id] = (time.monotonic(), interval_s)
         return True
 
