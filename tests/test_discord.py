@@ -402,9 +402,9 @@ def test_zombie_is_detected_within_two_intervals_and_resumed(make):
     missed = h.fake.user_sends("sent into the void", dm=True)  # kept for the resume
     h.fake.wait_for(lambda: h.fake.conns[conn].closed.is_set(), 3)
     detected = next(d.at for d in h.fake.disconnects if d.conn_id == conn)
-    assert detected - t_zombie <= 2 * INTERVAL_S + 0.15, detected - t_zombie
+    assert detected - t_zombie <= 2 * INTERVAL_S + 0.2, detected - t_zombie
     new_conn, first_op, at = established_after(h, conn)
-    MEASURED["zombie (from the last ACK missing)"] = at - t_zombie
+    MEASURED["zombie (from the link dying; interval 0.2 s)"] = at - t_zombie
     assert first_op == 6 and h.adapter.stats.reconnects["zombie"] == 1
     assert h.fake.conns[new_conn].state["resume_url"] and h.fake.wrong_url_resumes == 0
     assert (conn, 4000) in h.fake.client_close_codes  # never 1000/1001: they end the session
