@@ -27,6 +27,8 @@ topics/opcodes-and-status-codes.mdx, topics/rate-limits.mdx, resources/message.m
                      send() of part 0 turns that message into the final first part
     REST limits      every call goes through `RateLimits`: per-route buckets from the
                      X-RateLimit-* headers, 429 `retry_after`, the global limit
+    leaving          a TCP cut, no close frame: a close with 1000/1001 would end the session
+                     that a reconnect or a restart resumes (see `close_frame_on_leave`)
 
 Facts not confirmed against the live platform are marked *unverified*.
 """
@@ -68,10 +70,6 @@ FATAL_CLOSE_CODES = {
     4013: "invalid intents", 4014: "disallowed intents (enable MESSAGE CONTENT for the app)",
 }
 REIDENTIFY_CLOSE_CODES = frozenset({4007, 4009})  # "Reconnect and start a new session"
-# The kit closes with websocket-client's default 1000, which ends a Discord session ("When you
-# close the connection with close code 1000 or 1001, your session will be invalidated"): we
-# close with 4000 so a reconnect (or a restart) can still resume.
-RESUMABLE_CLOSE_CODE = 4000
 
 ROUTINE_SKIPS = frozenset({"own_message", "bot_author", "no_mention", "not_a_user_message"})
 MESSAGE_TYPES = {0, 19}  # DEFAULT and REPLY; joins, pins, thread notices are not for us
@@ -228,6 +226,10 @@ class DiscordAdapter(WebSocketAdapter):
     on_journal_failure = JournalFailure.REPLAY
     max_unanswered_beats = 1  # "no heartbeat ACK between its attempts at sending heartbeats"
     first_beat_at_once = True  # the timetable starts after the jitter wait (see _on_hello)
+    # "When you close the connection with close code 1000 or 1001, your session will be
+    # invalidated ... If you simply close the TCP connection ... the session will remain active"
+    # (GW "Initiating a Disconnect"): we leave by a cut, so a reconnect or restart can resume.
+    close_frame_on_leave = False
 
     def __init__(self, config, on_message, *, handshake_timeout_s: float = 20.0,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
@@ -264,7 +266,13 @@ class DiscordAdapter(WebSocketAdapter):
 
     # -- session memory ------------------------------------------------------------------------
     def _load_session(self) -> None:
-        saved = self.saved_state.get(SAVED_SESSION_KEY)
+        try:
+            raw = self.saved_state.get(SAVED_SESSION_KEY)
+            saved = json.loads(raw) if raw else None
+        except (ValueError, TypeError) as e:
+            self.log.warning("saved session unreadable platform=discord bot=%s error=%s",
+                             self.bot_id, type(e).__name__)
+            return
         if not isinstance(saved, dict):
             return
         age = time.time() - saved.get("at", 0) if isinstance(saved.get("at"), (int, float)) \
@@ -280,9 +288,9 @@ class DiscordAdapter(WebSocketAdapter):
                       self.bot_id, sid, seq)
 
     def _save_session(self) -> None:
-        value = None if self.session_id is None else {
+        value = None if self.session_id is None else json.dumps({
             "session_id": self.session_id, "seq": self.seq, "resume_url": self.resume_url,
-            "user_id": self.user_id, "at": time.time()}
+            "user_id": self.user_id, "at": time.time()})
         try:
             self.saved_state.put(SAVED_SESSION_KEY, value)
         except Exception as e:  # a restart then identifies afresh; the connection goes on
@@ -318,14 +326,6 @@ class DiscordAdapter(WebSocketAdapter):
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ConnectionLost("gateway_failed", f"GET /gateway/bot: HTTP {resp.status_code}")
         return url.rstrip("/") + "/" + GATEWAY_QUERY
-
-    def on_open(self) -> None:
-        conn = self.conn
-        ws = conn.ws if conn is not None else None
-        if ws is not None:  # see RESUMABLE_CLOSE_CODE
-            send_close = ws.send_close
-            ws.send_close = lambda status=RESUMABLE_CLOSE_CODE, reason=b"": send_close(
-                RESUMABLE_CLOSE_CODE, reason)
 
     # -- frames --------------------------------------------------------------------------------
     def on_frame(self, data: str | bytes) -> None:
