@@ -413,10 +413,11 @@ def test_c2c_and_group_messages_are_delivered_and_answered(make):
                                         member_openid="m-1")
     dm, group = delivered(h, dm_id), delivered(h, group_id)
     assert (dm.chat_type, dm.chat_id, dm.user_id, dm.text) == ("dm", "u-1", "u-1", "hello bot")
-    assert dm.reply_ref == {"msg_id": dm_id, "kind": "c2c", "openid": "u-1"}
+    assert {k: v for k, v in dm.reply_ref.items() if k != "at"} == {"msg_id": dm_id, "kind": "c2c", "openid": "u-1"}
+    assert abs(dm.reply_ref["at"] - time.time()) < 60  # receipt time: the passive window
     assert (group.chat_type, group.chat_id, group.user_id) == ("group", "g-1", "m-1")
     assert group.text == "hello all"  # the @-mention's leading space is gone
-    assert group.reply_ref == {"msg_id": group_id, "kind": "group", "openid": "g-1"}
+    assert {k: v for k, v in group.reply_ref.items() if k != "at"} == {"msg_id": group_id, "kind": "group", "openid": "g-1"}
     reply(h, dm, "hi user")
     reply(h, group, "hi group")
     got = {(r.msg_id, r.msg_seq, r.kind, r.openid, r.content) for r in h.fake.replies}

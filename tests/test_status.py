@@ -117,11 +117,12 @@ def test_healthz_ok_document(make_env):
     assert r.status_code == 200
     assert r.headers["Content-Type"] == "application/json"
     doc = r.json()
-    assert set(doc) == {"status", "platforms", "hub", "outbox_pending"}
+    assert set(doc) == {"status", "platforms", "hub", "outbox_pending", "undeliverable_replies"}
     assert doc["status"] == "ok"
     p = doc["platforms"]["testchat"]
     assert set(p) == {"state", "connected_since", "reconnects", "last_error",
-                      "heartbeat_lateness_p99_ms"}
+                      "heartbeat_lateness_p99_ms", "undeliverable", "held"}
+    assert p["undeliverable"] == 0 and p["held"] == 0
     assert p["state"] == "ready" and p["reconnects"] == 0 and p["connected_since"] > 0
     assert doc["hub"] == {"lateness_p99_ms": 1.0, "blocked_reports": 2}
     assert doc["outbox_pending"] == 0
