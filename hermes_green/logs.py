@@ -21,11 +21,12 @@ from gevent import monkey
 MASK = "***"
 
 _PATTERNS = [
-    # Authorization: Bearer xxx / QQBot xxx / Basic xxx, in headers, reprs or dict dumps
-    re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?(?:bearer|qqbot|basic)?\s*)([^\s'\",}]+)"),
+    # Authorization: Bearer xxx / QQBot xxx / Bot xxx / Basic xxx, in headers, reprs or dumps
+    re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?(?:bearer|qqbot|bot|basic)?\s*)"
+               r"([^\s'\",}]+)"),
     # the schemes as sent on the wire (case matters: "qqbot reason=..." is a log line, not a
     # credential); token characters, then optional base64 padding
-    re.compile(r"\b(Bearer\s+|QQBot\s+)([A-Za-z0-9._~+/-]{8,}=*)"),
+    re.compile(r"\b(Bearer\s+|QQBot\s+|Bot\s+)([A-Za-z0-9._~+/-]{8,}=*)"),
     # "access_token": "...", app_secret=..., clientSecret: ..., api_key ...
     re.compile(r"(?i)((?:access_token|tenant_access_token|app_access_token|app_?secret|"
                r"client_?secret|api_?key|secret|token|password)['\"]?\s*[:=]\s*['\"]?)"

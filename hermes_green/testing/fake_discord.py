@@ -85,7 +85,8 @@ from urllib.parse import parse_qs
 import gevent
 from geventwebsocket.websocket import WebSocket
 
-from hermes_green.testing.harness import Conn, FakePlatformServer
+from .driver import Keepalive, PlatformDriver, ReplyRow
+from .harness import Conn, FakePlatformServer
 
 # Gateway opcodes (CODES "Gateway Opcodes").
 OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_PRESENCE, OP_VOICE_STATE = 0, 1, 2, 3, 4
@@ -935,3 +936,60 @@ def _snowflake(value: Any) -> str | None:
 
 def _iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000000+00:00", time.gmtime())
+
+
+class Driver(PlatformDriver):
+    """The fleet's and the contract kit's handle on this fake (see testing/driver.py)."""
+    platform = "discord"
+    max_reply_chars = 2000
+
+    def __init__(self, keepalive: Keepalive | None = None, *, secret: str | None = None) -> None:
+        super().__init__(keepalive, secret=secret)
+        k = self.keepalive
+        self.fake = FakeDiscordServer(
+            **({"token": secret} if secret else {}),
+            heartbeat_interval_ms=int(k.interval_s * 1000),
+            heartbeat_tolerance=k.deadline_s / k.interval_s,
+            # a fleet's users write faster than one channel's default bucket lets a bot answer
+            message_limit=(50, 1.0), edit_limit=(50, 1.0), typing_limit=(50, 1.0),
+            gateway_bot_limit=(50, 1.0))
+
+    def bot_config(self, **extra: Any) -> dict:
+        return {"token": self.fake.token, "api_base": self.fake.api_base, **extra}
+
+    def bad_credentials_config(self, **extra: Any) -> dict:
+        return self.bot_config(token="not-a-token-the-server-knows", **extra)
+
+    def user_says(self, text: str, *, chat: int = 0, user: int | None = None,
+                  group: bool = False) -> str:
+        author = str(700000000000000001 + (chat if user is None else user))
+        if group:
+            return self.fake.user_sends(text, mention=True, author_id=author,
+                                        channel_id=str(810000000000000001 + chat))
+        return self.fake.user_sends(text, dm=True, author_id=author)
+
+    def redeliver(self, message_id: str) -> None:
+        msg = self.fake.messages[message_id]
+        d = self.fake._message_object(msg, {"id": msg.author_id, "username": "again",
+                                            "discriminator": "0", "avatar": None})
+        d["mentions"] = [self.fake._bot_user()] if f"<@{self.fake.bot_id}>" in msg.content else []
+        if msg.guild_id is not None:
+            d["guild_id"] = msg.guild_id
+        self.fake.dispatch("MESSAGE_CREATE", d)
+
+    def reply_rows(self) -> list[ReplyRow]:
+        return [ReplyRow(m.reference, m.edits[-1] if m.edits else m.content, m.at)
+                for m in self.fake.sent_messages() if m.reference is not None]
+
+    def go_silent(self, seconds: float) -> None:
+        """The live connections go silent for good (new ones work): the client must notice."""
+        self.fake.go_zombie()
+
+    def lateness(self) -> list[float]:
+        return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)
+                for x in self.fake.keepalive_lateness(conn_id)]
+
+    def session_up_at(self, conn_id: int) -> float | None:
+        return next((f.at for f in self.fake.frames if f.direction == "out"
+                     and f.conn_id == conn_id and isinstance(f.data, dict)
+                     and f.data.get("t") in ("READY", "RESUMED")), None)
