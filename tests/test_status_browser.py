@@ -117,7 +117,7 @@ def setup(tmp_path):
 @pytest.mark.timeout(90)
 def test_status_page_in_chromium(setup, tmp_path):
     if not os.path.exists(CHROMIUM):
-        pytest.fail(f"no chromium at {CHROMIUM}: `apt-get install chromium` (.ci/run does it)")
+        pytest.fail(f"no chromium at {CHROMIUM}: `apt-get install chromium` (.ci/test-deps does it)")
     browser = BrowserCheck(setup.gateway.status_server.url, setup, tmp_path)
     try:
         ready = browser.next_event("ready", timeout=60)
