@@ -4,9 +4,10 @@ READY or RESUMED sent / first ping received on the new connection).
 
     python bench/reconnect.py [--repeat 5]
 
-Faults: a network drop (no close frame) on each platform; on QQ also close 4008 (rate limit:
-resume), close 4009 (heartbeat timeout: resume) and op 7 (server asks to reconnect). The
-competitor measured 2.0 s after a drop and 62 s after a 4008. Prints JSON.
+Faults: a network drop (no close frame, or for Telegram's long poll a 502 on the poll in
+flight) on every platform the fleet runs; on QQ also close 4008 (rate limit: resume), close 4009
+(heartbeat timeout: resume) and op 7 (server asks to reconnect); on Discord op 7 and close 4000.
+The competitor measured 2.0 s after a drop and 62 s after a 4008. Prints JSON.
 
 Each fault follows a healthy period, as real drops do: the gateway's backoff resets after
 `healthy_after_s` (60 s in production, 2 s here to keep the run short), and faults come 2.5 s
@@ -25,17 +26,22 @@ from footprint import Gateway
 from hermes_green.testing.fleet import FakeFleet, Keepalive
 
 HEALTHY_S = 2.0
-FAULTS = [("wecom", "drop"), ("feishu", "drop"), ("qqbot", "drop"), ("qqbot", "close_4008"),
-          ("qqbot", "close_4009"), ("qqbot", "op7")]
+# Faults beyond a drop, per platform (each fake's own fault controls).
+EXTRA_FAULTS = {"qqbot": ["close_4008", "close_4009", "op7"], "discord": ["op7", "close_4000"]}
 
 
-def inject(fake, fault: str) -> None:
+def faults_for(platforms) -> list[tuple[str, str]]:
+    return [(p, f) for p in platforms for f in ["drop", *EXTRA_FAULTS.get(p, [])]]
+
+
+def inject(driver, fault: str) -> None:
+    fake = driver.fake
     if fault == "drop":
-        fake.drop()
+        driver.drop()
     elif fault.startswith("close_"):
         fake.close_with(int(fault.split("_")[1]), "bench")
     elif fault == "op7":
-        fake.send_op7()
+        (fake.send_op7 if hasattr(fake, "send_op7") else fake.send_reconnect)()
 
 
 def main() -> None:
@@ -44,25 +50,25 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated platform:fault pairs, e.g. wecom:drop")
     ap.add_argument("--log-level", default="warning")
     args = ap.parse_args()
-    faults = [f for f in FAULTS if not args.only or f"{f[0]}:{f[1]}" in args.only.split(",")]
     fleet = FakeFleet(keepalive=Keepalive(interval_s=1.0, deadline_s=1.5)).start()
+    faults = [f for f in faults_for(fleet.platforms)
+              if not args.only or f"{f[0]}:{f[1]}" in args.only.split(",")]
     gw = Gateway({"gateway": {"status": {"enabled": False}, "log_level": args.log_level},
                   "platforms": fleet.platforms_config(backoff={"healthy_after_s": HEALTHY_S})})
     results = {}
     try:
-        fleet.wait_for(lambda: all(any(fleet.session_up_at(p, c) for c in fleet.fakes[p].conns)
-                                   for p in fleet.platforms), timeout=30)
+        fleet.wait_for(lambda: all(d.sessions() for d in fleet.drivers.values()), timeout=30)
         gevent.sleep(HEALTHY_S + 0.5)  # the first fault, too, comes after a healthy period
         for platform, fault in faults:
-            fake = fleet.fakes[platform]
+            driver = fleet.drivers[platform]
             times = []
             for _ in range(args.repeat):
-                before = set(fake.conns)
+                before = {sid for sid, _ in driver.sessions()}
                 t0 = time.monotonic()
-                inject(fake, fault)
-                new = fleet.wait_for(lambda: [c for c in fake.conns if c not in before
-                                              and fleet.session_up_at(platform, c)], timeout=30)
-                times.append(fleet.session_up_at(platform, new[0]) - t0)
+                inject(driver, fault)
+                new = fleet.wait_for(lambda: [(sid, up) for sid, up in driver.sessions()
+                                              if sid not in before and up >= t0], timeout=30)
+                times.append(new[0][1] - t0)
                 if args.log_level == "debug":
                     sys.stderr.write(f"BENCH {platform}:{fault} {times[-1]:.3f}\n")
                 gevent.sleep(HEALTHY_S + 0.5)  # a healthy period before the next fault

@@ -108,6 +108,16 @@ class PlatformDriver:
         """monotonic time at which the session on that connection was established."""
         raise NotImplementedError
 
+    def sessions(self) -> list[tuple[int, float]]:
+        """Established sessions, oldest first: (an id, monotonic time it was established). A new
+        entry after a fault is the reconnect the benchmarks time."""
+        out = []
+        for conn_id in list(self.fake.conns):
+            up = self.session_up_at(conn_id)
+            if up is not None:
+                out.append((conn_id, up))
+        return out
+
     def disconnects(self) -> list:
         return [d for d in self.fake.disconnects if d.reason not in BENIGN_DISCONNECTS]
 

@@ -140,6 +140,7 @@ class _Poll:
     event: gevent.event.Event = field(default_factory=gevent.event.Event)
     ended: bool = False
     conflict: str | None = None  # ended by another poller / setWebhook: answer 409
+    failure: tuple[int, str] | None = None  # a fault: the held poll is answered with this
 
 
 @dataclass
@@ -347,6 +348,17 @@ class FakeTelegramServer(FakePlatformServer):
     def parked_polls(self, token: str | None = None) -> list[ApiCall]:
         return [c for c in self.poll_calls(token) if c.status == 0 and c.description == "parked"]
 
+    def fail_poll_in_flight(self, status: int = 502, description: str = "Bad Gateway",
+                            token: str | None = None) -> bool:
+        """The held poll ends at once with an error (a proxy in front of the API died), as a
+        connection cut would end it for the client. False when no poll was held."""
+        poll = self.bot(token).poll
+        if poll is None:
+            return False
+        poll.failure, poll.ended = (status, description), True
+        poll.event.set()
+        return True
+
     def set_webhook(self, url: str, token: str | None = None) -> None:
         """Someone set a webhook for the bot (polling gets 409 until deleteWebhook)."""
         bot = self.bot(token)
@@ -523,6 +535,8 @@ class FakeTelegramServer(FakePlatformServer):
                     poll = bot.poll = _Poll()
                 if poll.conflict is not None:
                     self._conflict(bot, poll.conflict)
+                if poll.failure is not None:
+                    raise _Answer(*poll.failure)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or poll.ended:
                     return 200, _ok([])
@@ -816,8 +830,10 @@ class Driver(PlatformDriver):
                 for m in self.fake.sent_messages() if m.reply_to is not None]
 
     def drop(self) -> None:
-        """The server fails the polls in flight (a proxy or load balancer cut them)."""
-        self.fake.fail_next("getUpdates", 502, "Bad Gateway")
+        """The poll in flight fails at once (a proxy or load balancer cut it); with none in
+        flight, the next one does."""
+        if not self.fake.fail_poll_in_flight():
+            self.fake.fail_next("getUpdates", 502, "Bad Gateway")
         self.fake.release_polls(discard=True)
 
     def go_silent(self, seconds: float) -> None:
@@ -836,6 +852,19 @@ class Driver(PlatformDriver):
     def session_up_at(self, conn_id: int) -> float | None:
         polls = self.fake.poll_calls()
         return polls[0].at if polls else None
+
+    def sessions(self) -> list[tuple[int, float]]:
+        """Polling has no connection: a session starts with the first poll the server answered
+        after one that failed (or with the very first one)."""
+        out, broken = [], True
+        for i, call in enumerate(self.fake.poll_calls()):
+            if call.status == 200:
+                if broken:
+                    out.append((i, call.at))
+                broken = False
+            elif call.status != 0:
+                broken = True
+        return out
 
     def connected(self) -> bool:
         polls = self.fake.poll_calls()
