@@ -51,7 +51,7 @@ from pydantic import SecretStr
 from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, Delivery, FatalPlatformError, JournalFailure, SendError
 from .botconfig import BotConfig
-from .kit import SkipFrame, clamp_interval, decode_json, retry_after_s, spawn_owned
+from .kit import SkipFrame, clamp_interval, decode_json, is_int, json_object, retry_after_s, spawn_owned
 from .registry import PlatformSpec
 from .transports.websocket import CloseAction, WebSocketAdapter
 
@@ -100,18 +100,6 @@ def _snowflake(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         value = str(value)
     return value if isinstance(value, str) and _SNOWFLAKE.match(value) else ""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _json(resp: requests.Response) -> dict:
-    try:
-        body = resp.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
 
 
 def nonce_for(bot_id: str, in_reply_to: str, seq: int) -> str:
@@ -280,7 +268,7 @@ class DiscordAdapter(WebSocketAdapter):
         sid, url, seq = saved.get("session_id"), saved.get("resume_url"), saved.get("seq")
         if (age > SAVED_SESSION_MAX_AGE_S or not isinstance(sid, str) or not sid
                 or not isinstance(url, str) or not url.startswith(("ws://", "wss://"))
-                or not (seq is None or _is_int(seq))):
+                or not (seq is None or is_int(seq))):
             return
         self.session_id, self.resume_url, self.seq = sid, url, seq
         self.user_id = _snowflake(saved.get("user_id"))
@@ -322,7 +310,7 @@ class DiscordAdapter(WebSocketAdapter):
             raise ConnectionLost("gateway_unreachable", type(e).__name__) from None
         if resp.status_code == 401:
             raise FatalPlatformError("Discord refused the bot token (GET /gateway/bot: 401)")
-        url = _json(resp).get("url") if resp.status_code == 200 else None
+        url = json_object(resp).get("url") if resp.status_code == 200 else None
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ConnectionLost("gateway_failed", f"GET /gateway/bot: HTTP {resp.status_code}")
         return url.rstrip("/") + "/" + GATEWAY_QUERY
@@ -340,7 +328,7 @@ class DiscordAdapter(WebSocketAdapter):
                              self.bot_id, e, len(data))
             return
         op = frame.get("op") if isinstance(frame, dict) else None
-        handler = self._ops.get(op) if _is_int(op) else None
+        handler = self._ops.get(op) if is_int(op) else None
         if handler is None:
             self.log.warning("frame skipped platform=discord bot=%s reason=unknown_op op=%.40r",
                              self.bot_id, op)
@@ -416,7 +404,7 @@ class DiscordAdapter(WebSocketAdapter):
         # Only once the event is handled: if handing a message up failed, the resume that
         # follows replays it.
         s = frame.get("s")
-        if _is_int(s) and s > 0 and (self.seq is None or s > self.seq):
+        if is_int(s) and s > 0 and (self.seq is None or s > self.seq):
             self.seq = s
             if self._seq_matters:  # a message was handed up: a restart resumes after it
                 self._seq_matters = False
@@ -473,7 +461,7 @@ class DiscordAdapter(WebSocketAdapter):
             why = "own_message"
         elif author.get("bot") is True or d.get("webhook_id") is not None:
             why = "bot_author"
-        elif not _is_int(d.get("type", 0)) or d.get("type", 0) not in MESSAGE_TYPES:
+        elif not is_int(d.get("type", 0)) or d.get("type", 0) not in MESSAGE_TYPES:
             why = "not_a_user_message"
         guild_id = _snowflake(d.get("guild_id"))
         mentions = d.get("mentions") if isinstance(d.get("mentions"), list) else []
@@ -550,7 +538,7 @@ class DiscordAdapter(WebSocketAdapter):
         auth = {"Authorization": f"Bot {self.config.token.get_secret_value()}"}
         resp = self._http.request(method, self._api_base + path, json=body, headers=auth,
                                   timeout=REST_TIMEOUT)
-        answer = _json(resp) if resp.status_code >= 400 else {}
+        answer = json_object(resp) if resp.status_code >= 400 else {}
         retry = self.limits.update(route, major, resp.status_code, resp.headers, answer)
         if retry is not None:
             scope = "global" if answer.get("global") is True else "bucket"
@@ -630,7 +618,7 @@ class DiscordAdapter(WebSocketAdapter):
             except requests.RequestException as e:
                 raise SendError(f"request failed: {type(e).__name__}") from None
             break
-        status, answer = resp.status_code, _json(resp)
+        status, answer = resp.status_code, json_object(resp)
         if 200 <= status < 300:
             return answer
         detail = f"HTTP {status} code {answer.get('code')}: {str(answer.get('message'))[:120]}"
@@ -685,7 +673,7 @@ class DiscordAdapter(WebSocketAdapter):
                               f"/channels/{st.channel_id}/messages", st.channel_id, body,
                               max_wait_s=0.0)
             if resp.status_code == 200:
-                st.posted_id = _snowflake(_json(resp).get("id")) or None
+                st.posted_id = _snowflake(json_object(resp).get("id")) or None
                 st.shown = shown
         else:
             resp = self._rest("PATCH", "PATCH /channels/{id}/messages/{mid}",

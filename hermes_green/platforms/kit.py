@@ -188,6 +188,21 @@ def retry_after_s(value: Any, *, default: float | None = None, cap_s: float = 36
     return min(max(seconds, 0.0), cap_s)
 
 
+def is_int(value: Any) -> bool:
+    """A JSON integer (bool is an int subclass in Python, never in JSON)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def json_object(resp) -> dict:
+    """A REST answer's JSON object, or {} when the body is not one (an HTML error page from a
+    proxy, garbage, a list): callers then read the status code alone."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def clamp_interval(value: Any, lo: float, hi: float, *, default: float) -> float:
     """A keepalive interval the server announced, made safe: a non-number, NaN, infinity or a
     bool gives `default`; anything else is held within [lo, hi] (a 0 ms interval would spin the

@@ -40,7 +40,6 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote
 
-import gevent
 import requests
 
 from pydantic import Field, SecretStr
@@ -48,7 +47,7 @@ from pydantic import Field, SecretStr
 from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, FatalPlatformError, JournalFailure, SendError
 from .botconfig import BotConfig
-from .kit import CachedToken
+from .kit import CachedToken, is_int, json_object, retry_after_s
 from .registry import PlatformSpec
 from .transports.websocket import CloseAction, WebSocketAdapter
 
@@ -110,26 +109,6 @@ def _nonempty_str(value: Any) -> str:
     return ""
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _json_body(resp: requests.Response) -> dict:
-    try:
-        body = resp.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def _retry_after(resp: requests.Response) -> float | None:
-    try:
-        value = float(resp.headers.get("Retry-After", ""))
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value >= 0 else None
-
-
 def attachment_kind(content_type: str) -> str:
     """QQ's `content_type` ("image/jpeg", "voice", "video/mp4", "file") -> Attachment.kind."""
     ct = content_type.lower()
@@ -166,7 +145,7 @@ class AccessToken(CachedToken):
                 "appId": self._app_id, "clientSecret": self._secret.get_secret_value()})
         except requests.RequestException as e:
             raise ConnectionLost("token_unreachable", type(e).__name__) from None
-        body = _json_body(resp)
+        body = json_object(resp)
         token, expires_in = body.get("access_token"), body.get("expires_in")
         if resp.status_code == 200 and isinstance(token, str) and token:
             try:
@@ -179,7 +158,7 @@ class AccessToken(CachedToken):
                           life, life - self._renew_margin(life))
             return token, life
         code = body.get("code")
-        if _is_int(code) and code in FATAL_TOKEN_CODES:
+        if is_int(code) and code in FATAL_TOKEN_CODES:
             raise FatalPlatformError(f"token endpoint refused app {self._app_id}: "
                                      f"code {code} ({FATAL_TOKEN_CODES[code]})")
         if resp.status_code in (400, 401, 403):  # *unverified*: the endpoint answers 200 + code
@@ -259,7 +238,7 @@ class QQBotAdapter(WebSocketAdapter):
             resp = self._api("GET", "/users/@me", label="me")
         except requests.RequestException as e:
             raise ConnectionLost("me_unreachable", type(e).__name__) from None
-        body = _json_body(resp)
+        body = json_object(resp)
         user_id = _nonempty_str(body.get("id"))
         if resp.status_code != 200 or not user_id:
             raise ConnectionLost("me_failed", f"GET /users/@me: HTTP {resp.status_code}")
@@ -278,7 +257,7 @@ class QQBotAdapter(WebSocketAdapter):
             resp = self._api("GET", "/gateway/bot", label="gateway")
         except requests.RequestException as e:
             raise ConnectionLost("gateway_unreachable", type(e).__name__) from None
-        url = _json_body(resp).get("url") if resp.status_code == 200 else None
+        url = json_object(resp).get("url") if resp.status_code == 200 else None
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ConnectionLost("gateway_failed", f"GET /gateway/bot: HTTP {resp.status_code}")
         return url
@@ -294,7 +273,7 @@ class QQBotAdapter(WebSocketAdapter):
             self.log.warning("frame skipped platform=qqbot reason=bad_json chars=%d", len(data))
             return
         op = frame.get("op") if isinstance(frame, dict) else None
-        handler = self._ops.get(op) if _is_int(op) else None
+        handler = self._ops.get(op) if is_int(op) else None
         if handler is None:
             self.log.warning("frame skipped platform=qqbot reason=unknown_op op=%.40r", op)
             return
@@ -353,7 +332,7 @@ class QQBotAdapter(WebSocketAdapter):
         # Advance only once the event is handled: if handing a message up fails, the resume
         # that follows replays it.
         s = frame.get("s")
-        if _is_int(s) and s > 0 and (self.seq is None or s > self.seq):
+        if is_int(s) and s > 0 and (self.seq is None or s > self.seq):
             self.seq = s
             self._save_session()
 
@@ -475,7 +454,7 @@ class QQBotAdapter(WebSocketAdapter):
             return
         session_id = _nonempty_str(saved.get("session_id")) if isinstance(saved, dict) else ""
         seq = saved.get("seq") if isinstance(saved, dict) else None
-        if not session_id or not (seq is None or (_is_int(seq) and seq >= 0)):
+        if not session_id or not (seq is None or (is_int(seq) and seq >= 0)):
             return
         self.session_id, self.seq = session_id, seq
         self.log.info("session restored platform=qqbot session=%s seq=%s", session_id, seq)
@@ -541,7 +520,7 @@ class QQBotAdapter(WebSocketAdapter):
             raise SendError(f"no access token: {e}") from None
         except FatalPlatformError as e:
             raise SendError(str(e), retryable=False) from None
-        status, answer = resp.status_code, _json_body(resp)
+        status, answer = resp.status_code, json_object(resp)
         codes = {answer.get("code"), answer.get("err_code")}
         if 200 <= status < 300:
             return
@@ -554,7 +533,7 @@ class QQBotAdapter(WebSocketAdapter):
             raise SendError(f"proactive reply refused ({detail}): the passive window of "
                             f"{msg_id} had passed", retryable=False)
         if status == 429:
-            raise SendError(f"rate limited ({detail})", retry_after=_retry_after(resp))
+            raise SendError(f"rate limited ({detail})", retry_after=retry_after_s(resp.headers))
         if status >= 500 or status in (401, 408):
             raise SendError(f"reply not accepted ({detail})")
         raise SendError(f"reply refused ({detail})", retryable=False)

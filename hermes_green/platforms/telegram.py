@@ -49,7 +49,7 @@ from pydantic import Field, SecretStr
 from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, Delivery, FatalPlatformError, JournalFailure, SendError
 from .botconfig import BotConfig
-from .kit import SkipFrame, decode_json, retry_after_s, spawn_owned
+from .kit import SkipFrame, decode_json, is_int, retry_after_s, spawn_owned
 from .registry import PlatformSpec
 from .transports.longpoll import LongPollAdapter
 
@@ -177,9 +177,9 @@ class TelegramAdapter(LongPollAdapter):
         migrate = params_.get("migrate_to_chat_id")
         status = resp.status_code
         if status == 200:  # "ok": false on a 200: trust the error_code it names
-            status = body["error_code"] if _is_int(body.get("error_code")) else 500
+            status = body["error_code"] if is_int(body.get("error_code")) else 500
         raise ApiError(method, status, self._redact(str(body.get("description", "")))[:200],
-                       retry_after=retry_after, migrate_to=migrate if _is_int(migrate) else None)
+                       retry_after=retry_after, migrate_to=migrate if is_int(migrate) else None)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
@@ -189,7 +189,7 @@ class TelegramAdapter(LongPollAdapter):
             me = self._call("getMe")
         except ApiError as e:
             raise self._connection_error(e) from None
-        if not isinstance(me, dict) or not _is_int(me.get("id")) or not isinstance(
+        if not isinstance(me, dict) or not is_int(me.get("id")) or not isinstance(
                 me.get("username"), str) or not me["username"]:
             raise ConnectionLost("bad_response", "getMe answered without id/username")
         return me
@@ -267,7 +267,7 @@ class TelegramAdapter(LongPollAdapter):
 
     def on_update(self, update: Any) -> None:
         uid = update.get("update_id") if isinstance(update, dict) else None
-        if not _is_int(uid):
+        if not is_int(uid):
             return self._skip(update, "no_update_id")
         if self._offset and uid < self._offset:
             return self._skip(update, "already_confirmed", level=logging.DEBUG)
@@ -282,7 +282,7 @@ class TelegramAdapter(LongPollAdapter):
 
     def commit(self, update: Any) -> None:
         uid = update.get("update_id") if isinstance(update, dict) else None
-        if not _is_int(uid) or (self._offset and uid + 1 <= self._offset):
+        if not is_int(uid) or (self._offset and uid + 1 <= self._offset):
             return
         self._offset = uid + 1
         try:
@@ -298,9 +298,9 @@ class TelegramAdapter(LongPollAdapter):
 
     def _inbound(self, update: dict, msg: dict) -> InboundMessage | None:
         chat, sender, mid = msg.get("chat"), msg.get("from"), msg.get("message_id")
-        if not isinstance(chat, dict) or not _is_int(chat.get("id")) or not _is_int(mid):
+        if not isinstance(chat, dict) or not is_int(chat.get("id")) or not is_int(mid):
             return self._skip(update, "malformed")
-        if not isinstance(sender, dict) or not _is_int(sender.get("id")):
+        if not isinstance(sender, dict) or not is_int(sender.get("id")):
             return self._skip(update, "no_sender")
         if sender.get("is_bot") or sender["id"] == self._me["id"]:
             return self._skip(update, "from_bot")
@@ -329,7 +329,7 @@ class TelegramAdapter(LongPollAdapter):
         else:
             return self._skip(update, f"chat_type_{str(kind)[:20]}")
         ref: dict[str, Any] = {"chat_id": chat["id"], "message_id": mid}
-        if msg.get("is_topic_message") and _is_int(msg.get("message_thread_id")):
+        if msg.get("is_topic_message") and is_int(msg.get("message_thread_id")):
             ref["thread_id"] = msg["message_thread_id"]
         return InboundMessage(platform=self.name, message_id=f"{chat['id']}:{mid}",
                               chat_id=str(chat["id"]), user_id=str(sender["id"]),
@@ -347,7 +347,7 @@ class TelegramAdapter(LongPollAdapter):
             if not isinstance(ent, dict):
                 continue
             off, length, kind = ent.get("offset"), ent.get("length"), ent.get("type")
-            if not (_is_int(off) and _is_int(length) and off >= 0 and length > 0
+            if not (is_int(off) and is_int(length) and off >= 0 and length > 0
                     and 2 * (off + length) <= len(units)):
                 continue
             piece = units[2 * off:2 * (off + length)].decode("utf-16-le", "replace")
@@ -407,14 +407,14 @@ class TelegramAdapter(LongPollAdapter):
     def _target(self, out: OutboundMessage) -> tuple[int, int | None, int | None]:
         ref = out.reply_ref if isinstance(out.reply_ref, dict) else {}
         chat_id = ref.get("chat_id")
-        if not _is_int(chat_id):
+        if not is_int(chat_id):
             try:
                 chat_id = int(out.chat_id)
             except (TypeError, ValueError):
                 raise SendError(f"not a Telegram chat id: {out.chat_id[:40]!r}",
                                 retryable=False) from None
-        reply_to = ref.get("message_id") if _is_int(ref.get("message_id")) else None
-        thread_id = ref.get("thread_id") if _is_int(ref.get("thread_id")) else None
+        reply_to = ref.get("message_id") if is_int(ref.get("message_id")) else None
+        thread_id = ref.get("thread_id") if is_int(ref.get("thread_id")) else None
         return chat_id, reply_to, thread_id
 
     def _send_message(self, chat_id: int, text: str, reply_to: int | None,
@@ -454,14 +454,14 @@ class TelegramAdapter(LongPollAdapter):
     # -- progress: typing and the partial answer -----------------------------------------------
     def progress(self, reply_ref: dict, text_so_far: str) -> None:
         ref = reply_ref if isinstance(reply_ref, dict) else {}
-        if not _is_int(ref.get("chat_id")) or not self.ready.is_set():
+        if not is_int(ref.get("chat_id")) or not self.ready.is_set():
             return
-        reply_to = ref.get("message_id") if _is_int(ref.get("message_id")) else None
+        reply_to = ref.get("message_id") if is_int(ref.get("message_id")) else None
         key = (ref["chat_id"], reply_to)
         draft = self._drafts.get(key)
         if draft is None:
             draft = self._drafts[key] = _Draft(ref["chat_id"], reply_to,
-                                               ref.get("thread_id") if _is_int(
+                                               ref.get("thread_id") if is_int(
                                                    ref.get("thread_id")) else None)
             while len(self._drafts) > MAX_DRAFTS:
                 self._stop_draft(self._drafts.popitem(last=False)[1])
@@ -532,10 +532,6 @@ def _read_capped(resp: requests.Response) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _utf8_safe(text: str) -> str:

@@ -34,7 +34,6 @@ import websocket
 from ...logs import REDACTOR
 from ..base import (CONNECT_TIMEOUT_S, ConnectionLost, FatalPlatformError, PlatformAdapter,
                     PlatformError, State)
-from ..kit import Backoff, CachedToken, Waiters  # noqa: F401  (re-exported for platform modules)
 
 # Frames larger than this are logged and skipped, never parsed (a 5 MB garbage frame must not
 # cost the hub a 5 MB json.loads).
