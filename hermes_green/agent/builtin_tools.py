@@ -1,8 +1,14 @@
 """A small set of generally useful tools, on by default (`agent.tools`).
 
-- `current_time`: the date and time in a time zone.
-- `calculate`: arithmetic from an AST walk (never eval); sizes are bounded so it stays cheap
-  enough to run inline.
+Each runs where the one rule puts it (see executors.py), and each refuses what it cannot do
+cheaply, because a chat user chooses its input:
+
+- `current_time`: the date and time in a time zone. `thread`: loading a zone reads a file.
+- `calculate`: arithmetic from an AST walk (never eval). `process`, under a 5 s timeout: a C
+  call on big numbers holds the GIL and cannot be interrupted in-process (`round(1, -10**18)`
+  once froze the hub for good). It also refuses, up front and with a clear error, whatever
+  could be slow: long or deeply nested expressions, big exponents, products and integers,
+  `round` to more digits than an integer can have, big factorials.
 - `fetch_url`: a web page's text, with a size limit and timeouts, through patched sockets
   (inline). Addresses on loopback, private, link-local and other internal networks are refused,
   redirects included, so a chat user cannot make the gateway read internal services; set
@@ -25,17 +31,21 @@ from .tools import tool
 
 # -- time ---------------------------------------------------------------------------------------
 
+MAX_TIMEZONE_CHARS = 64
 
-@tool(executor="inline", timeout_s=5)
+
+@tool(executor="thread", timeout_s=5)
 def current_time(timezone: str = "UTC") -> str:
     """Get the current date and time.
 
     Args:
         timezone: an IANA time zone name such as "UTC", "Asia/Shanghai" or "Europe/Paris"
     """
+    if len(timezone) > MAX_TIMEZONE_CHARS:
+        raise ValueError(f"unknown time zone (names are at most {MAX_TIMEZONE_CHARS} characters)")
     try:
         tz = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ValueError(f"unknown time zone {timezone!r} "
                          f"(use an IANA name like 'Asia/Shanghai')") from None
     now = _dt.datetime.now(tz)
@@ -45,8 +55,11 @@ def current_time(timezone: str = "UTC") -> str:
 # -- calculator ---------------------------------------------------------------------------------
 
 MAX_EXPRESSION_CHARS = 500
+MAX_DEPTH = 200  # nesting levels of the expression tree (parentheses, unary signs, calls)
 MAX_INT_BITS = 4096  # bounds every intermediate integer so no expression can run for long
 MAX_FACTORIAL = 500
+# round(x, n) computes 10**abs(n): no integer within MAX_INT_BITS has more digits than this
+MAX_ROUND_DIGITS = math.ceil(MAX_INT_BITS * math.log10(2))
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
@@ -55,8 +68,8 @@ _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FUNCS = {"sqrt": math.sqrt, "sin": math.sin, "cos": math.cos, "tan": math.tan,
           "asin": math.asin, "acos": math.acos, "atan": math.atan, "log": math.log,
           "log10": math.log10, "log2": math.log2, "exp": math.exp, "abs": abs, "round": round,
-          "floor": math.floor, "ceil": math.ceil, "factorial": None, "min": min, "max": max,
-          "hypot": math.hypot, "degrees": math.degrees, "radians": math.radians}
+          "floor": math.floor, "ceil": math.ceil, "factorial": math.factorial, "min": min,
+          "max": max, "hypot": math.hypot, "degrees": math.degrees, "radians": math.radians}
 _CONSTS = {"pi": math.pi, "e": math.e, "tau": math.tau}
 
 
@@ -91,8 +104,7 @@ class _Calc:
         left, right = self.eval(node.left), self.eval(node.right)
         if isinstance(node.op, ast.Pow):
             _check_pow(left, right)
-        if isinstance(node.op, (ast.Mult, ast.FloorDiv, ast.Mod)) and \
-                isinstance(left, int) and isinstance(right, int):
+        if isinstance(node.op, ast.Mult) and isinstance(left, int) and isinstance(right, int):
             if left.bit_length() + right.bit_length() > MAX_INT_BITS + 64:
                 raise ValueError("number too large")
         return _BINARY[type(node.op)](left, right)
@@ -100,17 +112,23 @@ class _Calc:
     def _Call(self, node):
         if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCS or node.keywords:
             raise ValueError("unknown function")
+        name = node.func.id
         args = [self.eval(a) for a in node.args]
-        if node.func.id == "factorial":
+        if name == "factorial":
             if len(args) != 1 or not isinstance(args[0], int) or not 0 <= args[0] <= MAX_FACTORIAL:
                 raise ValueError(f"factorial takes one integer from 0 to {MAX_FACTORIAL}")
-            return math.factorial(args[0])
-        return _FUNCS[node.func.id](*args)
+        if name == "round" and len(args) == 2:
+            if not isinstance(args[1], int) or abs(args[1]) > MAX_ROUND_DIGITS:
+                raise ValueError(f"round's digits must be an integer from -{MAX_ROUND_DIGITS} "
+                                 f"to {MAX_ROUND_DIGITS}")
+        return _FUNCS[name](*args)
 
 
 def _check(value):
     if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
         raise ValueError("number too large")
+    if isinstance(value, complex):  # (-8) ** 0.5
+        raise ValueError("the result is not a real number")
     return value
 
 
@@ -120,13 +138,23 @@ def _check_pow(base, exponent) -> None:
             raise ValueError("number too large")
 
 
-@tool(executor="inline", timeout_s=5)
+def _check_depth(tree: ast.AST) -> None:
+    """Refuse trees deeper than MAX_DEPTH before the (recursive) evaluation starts."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"the expression is nested too deeply (more than {MAX_DEPTH} levels)")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+
+
+@tool(executor="process", timeout_s=5)
 def calculate(expression: str) -> str:
     """Evaluate an arithmetic expression exactly and return the result.
 
     Supports + - * / // % ** and parentheses, the constants pi, e and tau, and the functions
     sqrt, sin, cos, tan, asin, acos, atan, log, log10, log2, exp, abs, round, floor, ceil,
-    factorial, min, max, hypot, degrees and radians.
+    factorial, min, max, hypot, degrees and radians. Integers are limited to 4096 bits.
 
     Args:
         expression: for example "2**10 + sqrt(16) * (3 - 1)"
@@ -137,11 +165,17 @@ def calculate(expression: str) -> str:
         tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError:
         raise ValueError("not a valid arithmetic expression") from None
+    except (RecursionError, MemoryError):
+        raise ValueError(f"the expression is nested too deeply (more than {MAX_DEPTH} "
+                         f"levels)") from None
+    _check_depth(tree)
     try:
         value = _Calc().eval(tree)
     except ZeroDivisionError:
         raise ValueError("division by zero") from None
-    except (OverflowError, TypeError) as e:
+    except OverflowError:
+        raise ValueError("number too large") from None
+    except TypeError as e:
         raise ValueError(str(e)) from None
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
         return str(int(value))
