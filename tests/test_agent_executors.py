@@ -117,6 +117,20 @@ def test_thread_tool_timeout_returns_while_the_thread_runs_on(executors):
         run(executors, sample.slow_thread, 1.0, timeout_s=0.1)
 
 
+def test_a_thread_tool_exception_reaches_the_caller_and_nothing_is_printed(executors, capfd):
+    with pytest.raises(ValueError, match="bad zone"):
+        run(executors, sample.thread_raises, "bad zone")
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_inline_tool_offloads_its_cpu_work_to_the_process_pool(executors):
+    parts = run(executors, sample.offloads)
+    assert parts["here"] == os.getpid() and parts["there"] != os.getpid()
+    assert executors.processes.workers  # the pool's own worker did it
+    direct = sample.offloads()  # outside an Executors run: a plain call, in this process
+    assert direct == {"here": os.getpid(), "there": os.getpid()}
+
+
 def test_inline_tool_timeout(executors):
     with pytest.raises(ToolTimeout):
         run(executors, sample.slow_inline, 5.0, timeout_s=0.05)

@@ -5,7 +5,10 @@ the hub for its whole run; in threads it still holds the GIL, so four such tools
 timer tens of milliseconds late; in worker processes the timer stays within a few milliseconds.
 Hence three executors, chosen per tool:
 
-- `inline`: runs in the calling greenlet. Only for I/O through patched sockets and trivial work.
+- `inline`: runs in the calling greenlet, on the hub. Network I/O through patched sockets only:
+  everything it computes holds the hub, and its timeout fires only when it waits on I/O (a C
+  call never yields, so an inline CPU tool's timeout can never fire). What such a tool must
+  compute on what it received (parsing a page) goes to the process pool through `offload()`.
 - `thread`: gevent's threadpool (`executors.threads`), for blocking C libraries that release
   the GIL. A thread cannot be killed: on timeout the caller gets `ToolTimeout` and the thread
   finishes in the background.
@@ -25,6 +28,7 @@ script means importing the runtime and monkey-patching the worker. So workers ar
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import pickle
@@ -45,6 +49,11 @@ log = logging.getLogger("hermes_green.agent.executors")
 
 ExecutorName = Literal["inline", "thread", "process"]
 EXECUTORS: tuple[str, ...] = ("inline", "thread", "process")
+
+# The Executors running the current inline tool (greenlets each have their own context), so
+# that the tool can offload() its CPU work to the same process pool.
+_running: contextvars.ContextVar["Executors | None"] = contextvars.ContextVar(
+    "hermes_green_executors", default=None)
 
 # How long a killed worker may take to be reaped before we stop waiting to describe its death.
 _REAP_WAIT_S = 1.0
@@ -242,7 +251,11 @@ class Executors:
         started = time.monotonic()
         try:
             if executor == "inline":
-                return _with_timeout(timeout_s, fn, args, kwargs)
+                token = _running.set(self)
+                try:
+                    return _with_timeout(timeout_s, fn, args, kwargs)
+                finally:
+                    _running.reset(token)
             if executor == "thread":
                 return _in_thread(timeout_s, fn, args, kwargs)
             if executor == "process":
@@ -254,6 +267,22 @@ class Executors:
 
     def close(self) -> None:
         self.processes.close()
+
+
+def offload(fn: Callable, *args: Any, timeout_s: float, **kwargs: Any) -> Any:
+    """Run `fn(*args, **kwargs)` (a module-level function doing pure-Python CPU work) in the
+    process pool of the Executors running the current inline tool, under `timeout_s`.
+
+    This is how an inline (network I/O) tool keeps the rule for the part that computes: it
+    fetches on the hub and parses in a worker. Raises ToolTimeout, WorkerCrashed,
+    RemoteToolError or ExecutorClosed like a process tool. Called outside an inline tool run by
+    Executors (a test or a script calling the tool function directly; a thread tool), it runs
+    `fn` right here, as a plain call would.
+    """
+    executors = _running.get()
+    if executors is None:
+        return fn(*args, **kwargs)
+    return executors.processes.call(target_of(fn), args, kwargs, timeout_s=timeout_s)
 
 
 @contextmanager
@@ -279,9 +308,20 @@ def _with_timeout(timeout_s: float, fn: Callable, args: tuple, kwargs: dict) -> 
 
 
 def _in_thread(timeout_s: float, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    # The tool's exception comes back as a value: raised in the pool thread, gevent would print
+    # its traceback to stderr as an unhandled error before handing it over.
+    def guarded():
+        try:
+            return True, fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001  (re-raised in the caller)
+            return False, e
+
     # The timer also covers waiting for a free thread (spawn blocks cooperatively when full).
     def spawn_and_wait():
-        return gevent.get_hub().threadpool.spawn(fn, *args, **kwargs).get()
+        ok, value = gevent.get_hub().threadpool.spawn(guarded).get()
+        if not ok:
+            raise value
+        return value
     try:
         return _with_timeout(timeout_s, spawn_and_wait, (), {})
     except ToolTimeout:

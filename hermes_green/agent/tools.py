@@ -14,7 +14,12 @@ The decorator returns the function itself (still callable as before) with a `Too
 the JSON schema the model sees comes from the type hints and the docstring, and the model's
 arguments are validated against the same hints before the call. The executor is the tool
 author's choice (see executors.py); the default `thread` never blocks the hub even when the
-author did not think about it. Pure-Python CPU work should say `process`.
+author did not think about it. Pure-Python CPU work should say `process`. `inline` is for
+network I/O through patched sockets only, because an inline tool runs on the hub and its
+timeout cannot interrupt a computation: what it must compute on what it received goes to the
+process pool with `executors.offload()` (fetch_url parses pages that way). A chat user picks
+the arguments, so a tool must also refuse, with a clear error, an input it cannot handle
+cheaply, whatever its executor.
 
 Modules listed in `agent.tools` are imported at start-up and every tool found in them is
 registered; a module that cannot be imported is a ConfigError.

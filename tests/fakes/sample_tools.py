@@ -112,3 +112,21 @@ def typed(count: int, names: list[str], ratio: float = 0.5, mode: str = "fast") 
         ratio: a fraction
     """
     return f"{count}:{','.join(names)}:{ratio}:{mode}"
+
+
+def worker_pid() -> int:
+    """The pid of the process this runs in (a plain function, offloaded by `offloads`)."""
+    return os.getpid()
+
+
+@tool(executor="inline", timeout_s=10)
+def offloads() -> dict:
+    """An inline tool that sends its CPU part to the process pool: where did each part run?"""
+    from hermes_green.agent.executors import offload
+    return {"here": os.getpid(), "there": offload(worker_pid, timeout_s=5)}
+
+
+@tool(executor="thread", timeout_s=5)
+def thread_raises(message: str) -> str:
+    """Raise inside a pool thread."""
+    raise ValueError(message)
