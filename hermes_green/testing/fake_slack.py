@@ -70,6 +70,7 @@ import gevent
 import gevent.pool
 from geventwebsocket.websocket import WebSocket
 
+from hermes_green.testing.driver import Keepalive, PlatformDriver, ReplyRow
 from hermes_green.testing.harness import Conn, FakePlatformServer
 
 MAX_TEXT_CHARS = 40_000  # changelog 2018-04-truncating-really-long-messages
@@ -139,6 +140,7 @@ class FakeSlackServer(FakePlatformServer):
         # records
         self.envelopes: list[EventRecord] = []
         self.messages: dict[tuple[str, str], Message] = {}
+        self.user_events: dict[tuple[str, str], dict] = {}  # (channel, ts) -> its event
         self.posts: list[Message] = []  # chat.postMessage calls the fake accepted
         self.updates: list[tuple[str, str, str, float]] = []  # (channel, ts, text, at)
         self.refused: list[tuple[str, str]] = []  # (method, error)
@@ -198,6 +200,7 @@ class FakeSlackServer(FakePlatformServer):
             event["thread_ts"] = thread_ts
         self.messages[(channel, ts)] = Message(channel, ts, user, text, thread_ts,
                                                at=time.monotonic())
+        self.user_events[(channel, ts)] = event
         self.send_event(event)
         if also_message_event:
             self.send_event({k: v for k, v in event.items() if k != "type"}
@@ -419,6 +422,7 @@ class FakeSlackServer(FakePlatformServer):
             event["thread_ts"] = thread_ts
         self.messages[(channel, ts)] = Message(channel, ts, user, text, thread_ts,
                                                at=time.monotonic())
+        self.user_events[(channel, ts)] = event
         self.send_event(event)
         return ts
 
@@ -592,3 +596,54 @@ def _arguments(request: dict) -> tuple[dict, str | None]:
         args = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()}
         token = token or args.pop("token", None)
     return args, token
+
+
+class Driver(PlatformDriver):
+    """The fleet's and the contract kit's handle on this fake (see testing/driver.py). Message
+    ids are the adapter's: "channel:ts"; a reply belongs to the message whose thread it is in."""
+    platform = "slack"
+    max_reply_chars = 4000
+
+    def __init__(self, keepalive: Keepalive | None = None, *, secret: str | None = None) -> None:
+        super().__init__(keepalive, secret=secret)
+        k = self.keepalive
+        tokens = {"bot_token": f"xoxb-{secret}"} if secret else {}
+        self.fake = FakeSlackServer(server_ping_interval_s=k.interval_s,
+                                    pong_deadline_s=k.deadline_s, **tokens)
+
+    def bot_config(self, **extra: Any) -> dict:
+        return {"app_token": self.fake.app_token, "bot_token": self.fake.bot_token,
+                "api_base": self.fake.api_base, "ping_interval_s": self.keepalive.interval_s,
+                **extra}
+
+    def bad_credentials_config(self, **extra: Any) -> dict:
+        return self.bot_config(bot_token="xoxb-not-the-token", **extra)
+
+    def user_says(self, text: str, *, chat: int = 0, user: int | None = None,
+                  group: bool = False) -> str:
+        who = f"U0USER{chat if user is None else user}"
+        if group:
+            channel = f"C0CHAN{chat}"
+            return f"{channel}:{self.fake.send_mention(text, channel=channel, user=who)}"
+        return f"{self.fake.dm_channel(who)}:{self.fake.send_dm(text, user=who)}"
+
+    def redeliver(self, message_id: str) -> None:
+        channel, _, ts = message_id.partition(":")
+        self.fake.send_event(dict(self.fake.user_events[(channel, ts)]))
+
+    def reply_rows(self) -> list[ReplyRow]:
+        return [ReplyRow(f"{m.channel}:{m.thread_ts}",
+                         self.fake.messages.get((m.channel, m.ts), m).text,
+                         m.at) for m in self.fake.posts if m.thread_ts is not None]
+
+    def lateness(self) -> list[float]:
+        """How much later than one interval after the previous ping each ping came."""
+        interval = self.keepalive.interval_s
+        return [max(0.0, b - a - interval) for times in list(self.fake.keepalive_times.values())
+                for a, b in zip(times, times[1:])]
+
+    def keepalives(self) -> int:
+        return sum(len(t) for t in self.fake.keepalive_times.values())
+
+    def session_up_at(self, conn_id: int) -> float | None:
+        return self.fake.hello_at.get(conn_id)
