@@ -5,8 +5,10 @@ READY or RESUMED sent / first ping received on the new connection).
     python bench/reconnect.py [--repeat 5]
 
 Faults: a network drop (no close frame) on each platform; on QQ also close 4008 (rate limit:
-resume), close 4009 (heartbeat timeout: resume) and op 7 (server asks to reconnect). The
-competitor measured 2.0 s after a drop and 62 s after a 4008. Prints JSON.
+resume), close 4009 (heartbeat timeout: resume) and op 7 (server asks to reconnect); on Slack
+also `disconnect` refresh_requested (the old connection closes 5 s later; the time measured is
+until the successor's hello, which comes before that close: no gap).
+The competitor measured 2.0 s after a drop and 62 s after a 4008. Prints JSON.
 
 Each fault follows a healthy period, as real drops do: the gateway's backoff resets after
 `healthy_after_s` (60 s in production, 2 s here to keep the run short), and faults come 2.5 s
@@ -26,7 +28,8 @@ from hermes_green.testing.fleet import FakeFleet, Keepalive
 
 HEALTHY_S = 2.0
 FAULTS = [("wecom", "drop"), ("feishu", "drop"), ("qqbot", "drop"), ("qqbot", "close_4008"),
-          ("qqbot", "close_4009"), ("qqbot", "op7")]
+          ("qqbot", "close_4009"), ("qqbot", "op7"), ("slack", "drop"),
+          ("slack", "refresh_requested")]
 
 
 def inject(fake, fault: str) -> None:
@@ -36,6 +39,8 @@ def inject(fake, fault: str) -> None:
         fake.close_with(int(fault.split("_")[1]), "bench")
     elif fault == "op7":
         fake.send_op7()
+    elif fault == "refresh_requested":
+        fake.refresh()
 
 
 def main() -> None:
@@ -45,7 +50,8 @@ def main() -> None:
     ap.add_argument("--log-level", default="warning")
     args = ap.parse_args()
     faults = [f for f in FAULTS if not args.only or f"{f[0]}:{f[1]}" in args.only.split(",")]
-    fleet = FakeFleet(keepalive=Keepalive(interval_s=1.0, deadline_s=1.5)).start()
+    fleet = FakeFleet({p for p, _ in faults},  # only the platforms measured
+                      keepalive=Keepalive(interval_s=1.0, deadline_s=1.5)).start()
     gw = Gateway({"gateway": {"status": {"enabled": False}, "log_level": args.log_level},
                   "platforms": fleet.platforms_config(backoff={"healthy_after_s": HEALTHY_S})})
     results = {}
