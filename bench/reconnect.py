@@ -6,7 +6,9 @@ READY or RESUMED sent / first ping received on the new connection).
 
 Faults: a network drop (no close frame, or for Telegram's long poll a 502 on the poll in
 flight) on every platform the fleet runs; on QQ also close 4008 (rate limit: resume), close 4009
-(heartbeat timeout: resume) and op 7 (server asks to reconnect); on Discord op 7 and close 4000.
+(heartbeat timeout: resume) and op 7 (server asks to reconnect); on Discord op 7 and close 4000;
+on Slack `disconnect` refresh_requested (the old connection closes 5 s later; the time measured
+is until the successor's hello, which comes before that close: no gap).
 The competitor measured 2.0 s after a drop and 62 s after a 4008. Prints JSON.
 
 Each fault follows a healthy period, as real drops do: the gateway's backoff resets after
@@ -27,7 +29,8 @@ from hermes_green.testing.fleet import FakeFleet, Keepalive
 
 HEALTHY_S = 2.0
 # Faults beyond a drop, per platform (each fake's own fault controls).
-EXTRA_FAULTS = {"qqbot": ["close_4008", "close_4009", "op7"], "discord": ["op7", "close_4000"]}
+EXTRA_FAULTS = {"qqbot": ["close_4008", "close_4009", "op7"], "discord": ["op7", "close_4000"],
+                "slack": ["refresh_requested"]}
 
 
 def faults_for(platforms) -> list[tuple[str, str]]:
@@ -42,6 +45,8 @@ def inject(driver, fault: str) -> None:
         fake.close_with(int(fault.split("_")[1]), "bench")
     elif fault == "op7":
         (fake.send_op7 if hasattr(fake, "send_op7") else fake.send_reconnect)()
+    elif fault == "refresh_requested":
+        fake.refresh()
 
 
 def main() -> None:

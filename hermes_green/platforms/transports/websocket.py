@@ -18,6 +18,14 @@ Keepalive comes in two kinds: a protocol frame answered by a protocol frame (the
 (`keepalive = "ping"`). Either way each beat's lateness against its timetable is recorded, and
 `max_unanswered_beats` beats without an answer (or `silence_timeout_s` without any frame) make
 the connection a zombie: it is dropped and the base reconnects.
+
+Handover (for servers that announce a connection's end ahead of time and let a client hold a
+second one meanwhile): `open_successor(reason)` opens a new connection beside the current one
+(prepare(), connect, on_open(); its frames are read and handled at once). When the adapter calls
+`mark_ready()` from one of its frames, it becomes the current connection without a gap, and the
+old one keeps being read for `handover_grace_s` (frames already on their way there are handled
+and answered on it), then is closed. A frame's answers always leave on the connection that
+carried the frame: inside `on_frame`, `send_frame()` and `beat_answered()` act on that one.
 """
 from __future__ import annotations
 
@@ -28,12 +36,15 @@ from typing import ClassVar
 
 import gevent
 import gevent.event
+import gevent.local
 import gevent.pool
 import websocket
 
+from ... import metrics
 from ...logs import REDACTOR
 from ..base import (CONNECT_TIMEOUT_S, ConnectionLost, FatalPlatformError, PlatformAdapter,
                     PlatformError, State)
+from ..kit import spawn_owned
 
 # Frames larger than this are logged and skipped, never parsed (a 5 MB garbage frame must not
 # cost the hub a 5 MB json.loads).
@@ -67,6 +78,7 @@ class WebSocketConnection:
         self.unanswered = 0
         self.beat_sent_at: float | None = None
         self.last_rx = time.monotonic()
+        self.established = gevent.event.Event()  # set when a successor takes over (handover)
 
     def open(self, url: str, headers: list[str]) -> None:
         ws = websocket.WebSocket(enable_multithread=True, skip_utf8_validation=True)
@@ -137,10 +149,18 @@ class WebSocketAdapter(PlatformAdapter):
     # False: leave by cutting the TCP connection, without a close frame (for protocols whose
     # servers end a resumable session on a normal close but keep it after a cut).
     close_frame_on_leave: bool = True
+    # Handover: how long a replaced connection is still read (and its frames answered) after
+    # its successor took over, before we close it.
+    handover_grace_s: float = 2.0
 
     def __init__(self, config, on_message, **kw) -> None:
         super().__init__(config, on_message, **kw)
         self.conn: WebSocketConnection | None = None
+        self._successor: WebSocketConnection | None = None  # opened, not yet established
+        self._handovers = gevent.pool.Group()  # greenlets opening a successor
+        self._retiring = gevent.pool.Group()  # replaced connections in their grace period
+        # The connection a greenlet works for: a reader's own, or the successor being opened.
+        self._bound = gevent.local.local()
 
     # -- protocol hooks ----------------------------------------------------------------------
     def prepare(self) -> str:
@@ -183,8 +203,13 @@ class WebSocketAdapter(PlatformAdapter):
         conn = self.conn
         return conn is not None and conn.ws is not None
 
+    def _working_conn(self) -> WebSocketConnection | None:
+        """Inside on_frame (or while a successor is opened): the connection this greenlet
+        works for; elsewhere the current one."""
+        return getattr(self._bound, "conn", None) or self.conn
+
     def send_frame(self, data: str | bytes) -> None:
-        conn = self.conn
+        conn = self._working_conn()
         if conn is None:
             raise ConnectionLost("not_connected")
         if self.log.isEnabledFor(logging.DEBUG):
@@ -200,11 +225,14 @@ class WebSocketAdapter(PlatformAdapter):
         self.end_connection(error)
 
     def end_connection(self, outcome: PlatformError) -> None:
-        conn = self.conn
-        if conn is not None:
-            conn.end(outcome)
+        for conn in (self.conn, self._successor):
+            if conn is not None:
+                conn.end(outcome)
 
     def mark_ready(self) -> None:
+        conn = getattr(self._bound, "conn", None)
+        if conn is not None and conn is self._successor:
+            return self._hand_over(conn)
         super().mark_ready()
         if self.heartbeat_after_ready and self.heartbeat_interval_s is not None:
             self.start_heartbeat(self.heartbeat_interval_s)
@@ -212,7 +240,7 @@ class WebSocketAdapter(PlatformAdapter):
     def start_heartbeat(self, interval_s: float) -> None:
         """Start (or re-time) the keepalive on a timetable that begins now."""
         self.heartbeat_interval_s = interval_s
-        conn = self.conn
+        conn = self._working_conn()
         if conn is None:
             return
         if conn.heartbeat is not None and not conn.heartbeat.dead:
@@ -226,7 +254,7 @@ class WebSocketAdapter(PlatformAdapter):
         return conn is not None and conn.heartbeat is not None and not conn.heartbeat.dead
 
     def beat_answered(self) -> None:
-        conn = self.conn
+        conn = self._working_conn()
         if conn is None:
             return
         conn.unanswered = 0
@@ -258,8 +286,17 @@ class WebSocketAdapter(PlatformAdapter):
             if self.session_timeout_s is not None and not self.ready.is_set():
                 conn.spawn(self._session_deadline, conn, self.session_timeout_s,
                            job="session-deadline")
-            outcome = conn.lost.get()
-            raise outcome
+            while True:
+                outcome = conn.lost.get()
+                if isinstance(outcome, FatalPlatformError) or self.stopping:
+                    raise outcome
+                if self.conn is conn and len(self._handovers):
+                    # A successor is on its way: serve on it if it takes over, else reconnect.
+                    gevent.joinall(list(self._handovers))
+                if self.conn is conn or self.conn is None:
+                    raise outcome
+                self._retire(conn)
+                conn = self.conn
         except ConnectionLost as e:
             outcome = e
             raise
@@ -267,7 +304,12 @@ class WebSocketAdapter(PlatformAdapter):
             self.conn = None
             if self.stats.state is not State.FATAL:
                 self.set_state(State.STOPPED if self.stopping else State.CONNECTING)
-            conn.close(self.close_frame_on_leave)
+            self._handovers.kill(block=True, timeout=2)
+            successor, self._successor = self._successor, None
+            for leftover in [conn, successor] + [g.args[0] for g in list(self._retiring)]:
+                if leftover is not None:
+                    leftover.close(self.close_frame_on_leave)
+            self._retiring.kill(block=False)
             try:
                 self.on_disconnect(outcome if isinstance(outcome, ConnectionLost)
                                    else ConnectionLost("closed"))
@@ -275,11 +317,88 @@ class WebSocketAdapter(PlatformAdapter):
                 self.log.exception("on_disconnect failed platform=%s bot=%s", self.name,
                                    self.bot_id)
 
+    # -- handover: the new connection before the old one closes ------------------------------
+    def open_successor(self, reason: str) -> None:
+        """Open a second connection beside the current, established one (the server announced
+        that the current one will end). It takes over when the adapter calls `mark_ready()`
+        from one of its frames; if it fails or is not established within `session_timeout_s`,
+        it is closed and the current one goes on (its end then reconnects as usual). One at a
+        time: a second request while one is being opened, or a request from a connection that
+        was already replaced (a late notice on it), is ignored."""
+        current = self.conn
+        requester = getattr(self._bound, "conn", None)
+        if (current is None or self.stopping or not self.ready.is_set() or len(self._handovers)
+                or requester not in (None, current)):
+            self.log.info("handover not started platform=%s bot=%s reason=%s busy=%s", self.name,
+                          self.bot_id, reason, bool(len(self._handovers)))
+            return
+        spawn_owned(self._handovers, self._open_successor, current, reason,
+                    name=f"{self.name}:{self.bot_id}:handover", log=self.log)
+
+    def _open_successor(self, current: WebSocketConnection, reason: str) -> None:
+        started = time.monotonic()
+        try:
+            new = WebSocketConnection(self)
+            new.open(self.prepare(), self.connect_headers())
+        except FatalPlatformError as e:
+            return self.end_connection(e)
+        except (PlatformError, websocket.WebSocketException, OSError, gevent.Timeout) as e:
+            self.log.warning("handover failed platform=%s bot=%s reason=%s error=%s: %s",
+                             self.name, self.bot_id, reason, type(e).__name__, str(e)[:200])
+            return
+        if self.conn is not current or self.stopping:
+            return new.close(self.close_frame_on_leave)
+        self._successor = new
+        self._bound.conn = new  # on_open's frames go out on the new connection
+        self.stats.connects += 1
+        try:
+            new.spawn(self._read_loop, new, job="reader")
+            self.on_open()
+            gevent.wait([new.established, new.lost], count=1,
+                        timeout=self.session_timeout_s or CONNECT_TIMEOUT_S)
+        except ConnectionLost:
+            pass
+        if new.established.is_set():
+            self.log.info("handover done platform=%s bot=%s reason=%s seconds=%.3f", self.name,
+                          self.bot_id, reason, time.monotonic() - started)
+            return
+        if self._successor is new:
+            self._successor = None
+        outcome = new.lost.value if new.lost.ready() else None
+        new.close(self.close_frame_on_leave)
+        if isinstance(outcome, FatalPlatformError):
+            return self.end_connection(outcome)
+        self.log.warning("handover failed platform=%s bot=%s reason=%s error=%s", self.name,
+                         self.bot_id, reason, outcome or "not established in time")
+
+    def _hand_over(self, new: WebSocketConnection) -> None:
+        """The successor is established: it becomes the current connection now."""
+        old, self.conn, self._successor = self.conn, new, None
+        new.established.set()
+        self.stats.reconnects["handover"] += 1
+        metrics.reconnects_total.labels(*self.labels, "handover").inc()
+        if self.heartbeat_interval_s is not None:
+            self.start_heartbeat(self.heartbeat_interval_s)
+        if old is not None:
+            old.end(ConnectionLost("handover", "a successor took over"))
+
+    def _retire(self, old: WebSocketConnection) -> None:
+        """Keep reading a replaced connection for the grace period, then close it."""
+        if old.heartbeat is not None:
+            old.heartbeat.kill(block=False)
+
+        def close_later(conn: WebSocketConnection) -> None:
+            gevent.sleep(self.handover_grace_s)
+            conn.close(self.close_frame_on_leave)
+        g = self._retiring.spawn(close_later, old)
+        g.name = f"{self.name}:{self.bot_id}:retire"
+
     def _session_deadline(self, conn: WebSocketConnection, timeout_s: float) -> None:
         if not self.ready.wait(timeout_s):
             conn.end(ConnectionLost("session_timeout", f"not ready {timeout_s:g}s after connect"))
 
     def _read_loop(self, conn: WebSocketConnection) -> None:
+        self._bound.conn = conn  # this reader's frames are answered on its own connection
         ws = conn.ws
         while ws is not None:
             try:
