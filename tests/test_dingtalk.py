@@ -546,3 +546,132 @@ def test_markdown_title_is_the_first_line_without_marks():
     assert markdown_title("\n\n> quoted text that is rather long indeed") == \
         "quoted text that is "
     assert markdown_title("   ") == "reply"
+
+
+# --- through a real gateway -----------------------------------------------------------------------
+
+def _gateway_config(tmp_path, fake, bots) -> dict:
+    return {"gateway": {"data_dir": str(tmp_path / "data"), "status": {"enabled": False}},
+            "platforms": {"dingtalk": bots}}
+
+
+def _bot(fake, **over) -> dict:
+    return {"client_id": fake.client_id, "client_secret": fake.client_secret,
+            "api_base": fake.http_base, "ping_interval_s": 0.5,
+            "backoff": {"initial_s": 0.05, "max_s": 0.3}, **over}
+
+
+@pytest.fixture
+def dt_fake():
+    fake = FakeDingTalkServer(server_ping_interval_s=0.5, ping_deadline_s=2.0).start()
+    yield fake
+    fake.stop()
+
+
+def test_a_store_outage_holds_the_message_and_it_is_answered_once_when_the_store_recovers(
+        tmp_path, dt_fake, monkeypatch):
+    from hermes_green.config import Config
+    from hermes_green.gateway import Gateway
+    from tests.support import GateAgent, wait_until
+
+    gw = Gateway(Config.model_validate(_gateway_config(tmp_path, dt_fake, _bot(dt_fake))),
+                 agent=GateAgent()).start()
+    try:
+        wait_until(lambda: "dingtalk" in gw.adapters and gw.adapters["dingtalk"].ready.is_set(),
+                   what="dingtalk ready")
+        real, failures, journaled = gw.store.journal_inbound, [], []
+
+        def flaky(msg):
+            if len(failures) < 3:
+                failures.append(time.monotonic())
+                raise OSError("disk I/O error")
+            journaled.append(time.monotonic())
+            return real(msg)
+
+        monkeypatch.setattr(gw.store, "journal_inbound", flaky)
+        mid = dt_fake.send_user_message("keep me", staff_id="zoe")
+        (push,) = dt_fake.wait_for(lambda: dt_fake.acks_of(mid), 5)
+        assert push.ack_code == 200 and failures[0] < push.acked_at  # after the first try
+        dt_fake.wait_for(lambda: dt_fake.replies_to(mid), 15)
+        later = dt_fake.send_user_message("and this", staff_id="zoe")  # same conversation
+        dt_fake.wait_for(lambda: dt_fake.replies_to(later), 15)
+        assert [r.text for r in dt_fake.replies_to(mid)] == ["answer: keep me"]
+        assert len(failures) == 3 and gw.adapters["dingtalk"].stats.held == 0
+        assert push.acked_at < journaled[0]  # acked while held: the platform never resends
+        assert gw.adapters["dingtalk"].stats.journal_failures >= 1
+    finally:
+        gw.shutdown()
+
+
+def test_bad_credentials_stop_that_bot_only(tmp_path, dt_fake):
+    from hermes_green.config import Config
+    from hermes_green.gateway import Gateway
+    from tests.support import GateAgent, wait_until
+
+    bots = [_bot(dt_fake, id="good"), _bot(dt_fake, id="bad", client_secret="not-it")]
+    gw = Gateway(Config.model_validate(_gateway_config(tmp_path, dt_fake, bots)),
+                 agent=GateAgent()).start()
+    try:
+        wait_until(lambda: "dingtalk/bad" in gw.fatal, timeout=10, what="bad bot fatal")
+        assert gw.adapters["dingtalk/bad"].stats.state is State.FATAL
+        assert "not-it" not in gw.fatal["dingtalk/bad"]
+        wait_until(lambda: gw.adapters.get("dingtalk/good") is not None
+                   and gw.adapters["dingtalk/good"].ready.is_set(), what="good bot ready")
+        mid = dt_fake.send_user_message("still there?")
+        dt_fake.wait_for(lambda: dt_fake.replies_to(mid), 15)
+        assert [r.text for r in dt_fake.replies_to(mid)] == ["answer: still there?"]
+        assert dt_fake.refusals.count(("open", 401)) == 1  # refused once, never retried
+        assert len(dt_fake.conns) == 1
+    finally:
+        gw.shutdown()
+
+
+def test_a_callback_redelivered_after_a_restart_is_not_answered_twice(tmp_path, dt_fake):
+    """A real gateway process on a real SQLite file answers a message, is stopped with SIGTERM
+    and started again; the platform pushes the same bot message again (a new frame, the same
+    msgId): it is acked, recognized by the journal, and not answered a second time."""
+    import signal
+    import sys
+
+    import yaml
+
+    from hermes_green.testing.fake_llm import FakeLLM
+    from tests.support import BIN, Process
+
+    llm = FakeLLM(api_key="sk-dt", chunk_delay_s=0.0).start()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({
+        **_gateway_config(tmp_path, dt_fake, _bot(dt_fake)),
+        "agent": {"base_url": llm.base_url, "api_key": "sk-dt", "model": "fake-model"}}))
+    procs = []
+
+    def start() -> Process:
+        procs.append(Process([sys.executable, BIN, "--config", str(cfg)]))
+        return procs[-1]
+
+    try:
+        first = start()
+        dt_fake.wait_for(lambda: dt_fake.live_conns(), 30)
+        mid = dt_fake.send_user_message("answer me once", staff_id="yan")
+        dt_fake.wait_for(lambda: dt_fake.replies_to(mid), 30)
+        before = [r.text for r in dt_fake.replies_to(mid)]
+        assert before[0].startswith("You said: answer me once.")
+        first.signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 0, first.stderr[-2000:]
+        conns_before = set(dt_fake.conns)
+        start()
+        dt_fake.wait_for(lambda: [c for c in dt_fake.live_conns() if c.id not in conns_before],
+                         30)
+        dt_fake.redeliver(mid)
+        dt_fake.wait_for(lambda: len(dt_fake.acks_of(mid)) == 2, 15)  # acked after the journal
+        later = dt_fake.send_user_message("a new question", staff_id="yan")
+        dt_fake.wait_for(lambda: dt_fake.replies_to(later), 30)
+        assert [r.text for r in dt_fake.replies_to(mid)] == before  # no second answer
+        assert dt_fake.replies_to(later)[0].text.startswith("You said: a new question.")
+        assert dt_fake.lost == [] and dt_fake.protocol_errors == []
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.signal(signal.SIGTERM)
+                p.wait(timeout=30)
+        llm.stop()
