@@ -43,7 +43,8 @@ class Journal:
     """Stands in for the gateway: journals each message id once (like Store.journal_inbound),
     records when, and can fail the first `fail_first` calls (a store outage)."""
 
-    def __init__(self, fail_first: int = 0) -> None:
+    def __init__(self, fail_first: int = 0, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s  # a slow store: the write takes this long
         self.messages = []
         self.seen: set[str] = set()
         self.at: dict[str, float] = {}
@@ -59,6 +60,7 @@ class Journal:
         if msg.message_id in self.seen:
             self.duplicates += 1
             return Delivery.DUPLICATE
+        gevent.sleep(self.delay_s)
         self.seen.add(msg.message_id)
         self.at[msg.message_id] = time.monotonic()
         self.messages.append(msg)
@@ -168,7 +170,7 @@ def test_server_pings_are_answered_with_their_opaque_and_our_pings_keep_time(mak
 # --- messages --------------------------------------------------------------------------------
 
 def test_single_chat_message_is_journaled_then_acked(make):
-    h = ready(make())
+    h = ready(make(journal=Journal(delay_s=0.1)))
     mid = h.fake.send_user_message("hello bot", staff_id="alice")
     msg = delivered(h, mid)
     assert (msg.platform, msg.chat_type, msg.user_id, msg.text) == \
