@@ -5,7 +5,8 @@ READY or RESUMED sent / first ping received on the new connection).
     python bench/reconnect.py [--repeat 5]
 
 Faults: a network drop (no close frame) on each platform; on QQ also close 4008 (rate limit:
-resume), close 4009 (heartbeat timeout: resume) and op 7 (server asks to reconnect). The
+resume), close 4009 (heartbeat timeout: resume) and op 7 (server asks to reconnect); on DingTalk
+also a SYSTEM `disconnect` (the server's rotation notice). The
 competitor measured 2.0 s after a drop and 62 s after a 4008. Prints JSON.
 
 Each fault follows a healthy period, as real drops do: the gateway's backoff resets after
@@ -26,7 +27,8 @@ from hermes_green.testing.fleet import FakeFleet, Keepalive
 
 HEALTHY_S = 2.0
 FAULTS = [("wecom", "drop"), ("feishu", "drop"), ("qqbot", "drop"), ("qqbot", "close_4008"),
-          ("qqbot", "close_4009"), ("qqbot", "op7")]
+          ("qqbot", "close_4009"), ("qqbot", "op7"), ("dingtalk", "drop"),
+          ("dingtalk", "disconnect")]
 
 
 def inject(fake, fault: str) -> None:
@@ -36,6 +38,8 @@ def inject(fake, fault: str) -> None:
         fake.close_with(int(fault.split("_")[1]), "bench")
     elif fault == "op7":
         fake.send_op7()
+    elif fault == "disconnect":  # DingTalk's SYSTEM disconnect: the server closes ~10 s later
+        fake.send_disconnect()
 
 
 def main() -> None:
@@ -45,7 +49,10 @@ def main() -> None:
     ap.add_argument("--log-level", default="warning")
     args = ap.parse_args()
     faults = [f for f in FAULTS if not args.only or f"{f[0]}:{f[1]}" in args.only.split(",")]
-    fleet = FakeFleet(keepalive=Keepalive(interval_s=1.0, deadline_s=1.5)).start()
+    # Only the platforms these faults name: a long-poll fake (Telegram) has no connections
+    # whose session could be waited for.
+    fleet = FakeFleet(platforms=sorted({p for p, _ in faults}),
+                      keepalive=Keepalive(interval_s=1.0, deadline_s=1.5)).start()
     gw = Gateway({"gateway": {"status": {"enabled": False}, "log_level": args.log_level},
                   "platforms": fleet.platforms_config(backoff={"healthy_after_s": HEALTHY_S})})
     results = {}

@@ -66,6 +66,7 @@ import gevent.pool
 
 from geventwebsocket.websocket import WebSocket
 
+from .driver import Keepalive, PlatformDriver, ReplyRow
 from .harness import Conn, FakePlatformServer
 
 BOT_TOPIC = "/v1.0/im/bot/messages/get"
@@ -662,3 +663,51 @@ class FakeDingTalkServer(FakePlatformServer):
                            if r.conversation_id == conv), None)
         self.replies.append(Reply(target, conv, text, title, via))
         self.changed()
+
+
+class Driver(PlatformDriver):
+    """The fleet's and the contract kit's handle on this fake (see testing/driver.py). The
+    keepalive timing applies both ways: the fake pings every `interval_s` and wants each answer
+    within `deadline_s`, and drops a client whose own WebSocket pings stop for `deadline_s`."""
+    platform = "dingtalk"
+    max_reply_chars = 3000  # the adapter's REPLY_CHUNK_CHARS: under the 20,000-byte body
+
+    def __init__(self, keepalive: Keepalive | None = None, *, secret: str | None = None) -> None:
+        super().__init__(keepalive, secret=secret)
+        k = self.keepalive
+        self.fake = FakeDingTalkServer(client_id="dingfleet", client_secret=secret
+                                       or "dingtalk-fleet-secret",
+                                       server_ping_interval_s=k.interval_s,
+                                       ping_deadline_s=k.deadline_s,
+                                       keepalive_deadline_s=k.deadline_s)
+
+    def bot_config(self, **extra: Any) -> dict:
+        return {"client_id": self.fake.client_id, "client_secret": self.fake.client_secret,
+                "api_base": self.fake.http_base, "ping_interval_s": self.keepalive.interval_s,
+                **extra}
+
+    def bad_credentials_config(self, **extra: Any) -> dict:
+        return self.bot_config(client_secret="not-the-secret", **extra)
+
+    def user_says(self, text: str, *, chat: int = 0, user: int | None = None,
+                  group: bool = False) -> str:
+        staff = f"user{chat if user is None else user}"
+        if group:
+            return self.fake.send_user_message(text, conversation_type="2", staff_id=staff,
+                                               conversation_id=f"cid-group-{chat}")
+        return self.fake.send_user_message(text, conversation_type="1", staff_id=staff)
+
+    def redeliver(self, message_id: str) -> None:
+        self.fake.redeliver(message_id)
+
+    def reply_rows(self) -> list[ReplyRow]:
+        return [ReplyRow(r.msg_id or "", r.text, r.at) for r in self.fake.replies]
+
+    def lateness(self) -> list[float]:
+        return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)
+                for x in self.fake.keepalive_lateness(conn_id, self.keepalive.interval_s)]
+
+    def session_up_at(self, conn_id: int) -> float | None:
+        """The ticket is checked at the handshake: the session is up when the socket is."""
+        conn = self.fake.conns.get(conn_id)
+        return conn.opened_at if conn is not None and "subs" in conn.state else None
