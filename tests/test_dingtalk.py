@@ -282,6 +282,27 @@ def test_allow_from_refuses_other_users_but_acks_them(make):
     assert h.journal.by_id(bad) is None and [m.message_id for m in h.journal.messages] == [good]
 
 
+def test_a_webhook_over_its_rate_limit_hands_the_rest_to_the_openapi(make):
+    h = ready(make(fake_kw={"webhook_rate_per_min": 2}))
+    msg = delivered(h, h.fake.send_user_message("many parts please", staff_id="fay"))
+    for i in range(3):
+        h.adapter.send(answer(msg, f"part {i}", seq=i))
+    replies = h.fake.replies_to(msg.message_id)
+    assert [(r.text, r.via) for r in replies] == [("part 0", "webhook"), ("part 1", "webhook"),
+                                                  ("part 2", "openapi")]
+    assert ("webhook", 130101) in h.fake.refusals
+
+
+def test_events_that_come_anyway_are_answered_each_time_they_come(make):
+    h = ready(make(fake_kw={"duplicate_events": True}))
+    h.fake.send_event(force=True)
+    h.fake.wait_for(lambda: len([p for p in h.fake.pushes if p.kind == "EVENT"
+                                 and p.acked_at]) == 2)
+    assert all(p.ack_data == {"status": "SUCCESS", "message": "ignored"}
+               for p in h.fake.pushes if p.kind == "EVENT")
+    assert h.journal.messages == [] and h.fake.protocol_errors == []
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 def test_garbage_is_skipped_acks_are_still_sent_and_the_connection_stays(make):
@@ -677,3 +698,39 @@ def test_a_callback_redelivered_after_a_restart_is_not_answered_twice(tmp_path, 
                 p.signal(signal.SIGTERM)
                 p.wait(timeout=30)
         llm.stop()
+
+
+def test_any_json_in_a_bot_message_is_delivered_or_skipped_never_an_error():
+    """Bot message data of any shape: the adapter either makes an InboundMessage of it or skips
+    it with a reason; nothing else escapes (an escape would cost the frame its ack)."""
+    from hypothesis import example, given, settings, strategies as st
+
+    from hermes_green.platforms.dingtalk import Skip
+
+    adapter = DingTalkAdapter(DingTalkConfig(client_id="c", client_secret="s"), lambda m: True)
+    odd = st.sampled_from([float("inf"), float("-inf"), float("nan"), 10 ** 30, -1, "", " "])
+    leaf = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | odd
+    value = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3)
+                         | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+    keys = st.sampled_from(["msgId", "conversationId", "conversationType", "senderStaffId",
+                            "senderId", "msgtype", "text", "content", "isInAtList",
+                            "chatbotUserId", "sessionWebhook", "sessionWebhookExpiredTime"])
+    base = {"msgId": "m", "conversationId": "c", "conversationType": "1",
+            "senderStaffId": "s", "msgtype": "text", "text": {"content": "hi"},
+            "sessionWebhook": "https://oapi.example/robot/sendBySession?session=x",
+            "sessionWebhookExpiredTime": 1}
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.dictionaries(keys, leaf | value, max_size=4), st.booleans())
+    @example({"sessionWebhookExpiredTime": float("inf")}, True)
+    @example({"sessionWebhookExpiredTime": float("nan")}, True)
+    def check(over, on_base):
+        data = {**base, **over} if on_base else over
+        try:
+            msg = adapter._normalize(data)
+        except Skip:
+            return
+        assert msg.message_id and msg.chat_id and msg.user_id
+        assert msg.text or msg.attachments
+
+    check()

@@ -349,7 +349,8 @@ class DingTalkAdapter(WebSocketAdapter):
         ref: dict[str, Any] = {"conversation_type": kind, "conversation_id": conv,
                                "staff_id": staff or None}
         if (isinstance(webhook, str) and webhook.startswith(("https://", "http://"))
-                and isinstance(expires, (int, float)) and not isinstance(expires, bool)):
+                and isinstance(expires, (int, float)) and not isinstance(expires, bool)
+                and math.isfinite(expires) and abs(expires) < 1e15):
             ref["webhook"], ref["webhook_expires_ms"] = webhook, int(expires)
         return InboundMessage(platform=self.name, message_id=msg_id, chat_id=conv, user_id=user,
                               text=text, chat_type="dm" if kind == SINGLE_CHAT else "group",
