@@ -8,7 +8,8 @@ Faults: a network drop (no close frame, or for Telegram's long poll a 502 on the
 flight) on every platform the fleet runs; on QQ also close 4008 (rate limit: resume), close 4009
 (heartbeat timeout: resume) and op 7 (server asks to reconnect); on Discord op 7 and close 4000;
 on Slack `disconnect` refresh_requested (the old connection closes 5 s later; the time measured
-is until the successor's hello, which comes before that close: no gap).
+is until the successor's hello, which comes before that close: no gap); on DingTalk a SYSTEM
+`disconnect` (the server's rotation notice).
 The competitor measured 2.0 s after a drop and 62 s after a 4008. Prints JSON.
 
 Each fault follows a healthy period, as real drops do: the gateway's backoff resets after
@@ -25,12 +26,12 @@ import time
 import gevent
 
 from footprint import Gateway
-from hermes_green.testing.fleet import FakeFleet, Keepalive
+from hermes_green.testing.fleet import FakeFleet, Keepalive, all_platforms
 
 HEALTHY_S = 2.0
 # Faults beyond a drop, per platform (each fake's own fault controls).
 EXTRA_FAULTS = {"qqbot": ["close_4008", "close_4009", "op7"], "discord": ["op7", "close_4000"],
-                "slack": ["refresh_requested"]}
+                "slack": ["refresh_requested"], "dingtalk": ["disconnect"]}
 
 
 def faults_for(platforms) -> list[tuple[str, str]]:
@@ -47,6 +48,8 @@ def inject(driver, fault: str) -> None:
         (fake.send_op7 if hasattr(fake, "send_op7") else fake.send_reconnect)()
     elif fault == "refresh_requested":
         fake.refresh()
+    elif fault == "disconnect":  # DingTalk's SYSTEM disconnect: the server closes ~10 s later
+        fake.send_disconnect()
 
 
 def main() -> None:
@@ -55,9 +58,10 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated platform:fault pairs, e.g. wecom:drop")
     ap.add_argument("--log-level", default="warning")
     args = ap.parse_args()
-    fleet = FakeFleet(keepalive=Keepalive(interval_s=1.0, deadline_s=1.5)).start()
-    faults = [f for f in faults_for(fleet.platforms)
+    faults = [f for f in faults_for(all_platforms())
               if not args.only or f"{f[0]}:{f[1]}" in args.only.split(",")]
+    fleet = FakeFleet(sorted({p for p, _ in faults}),  # only the platforms measured
+                      keepalive=Keepalive(interval_s=1.0, deadline_s=1.5)).start()
     gw = Gateway({"gateway": {"status": {"enabled": False}, "log_level": args.log_level},
                   "platforms": fleet.platforms_config(backoff={"healthy_after_s": HEALTHY_S})})
     results = {}
