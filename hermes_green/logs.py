@@ -27,6 +27,9 @@ _PATTERNS = [
     # the schemes as sent on the wire (case matters: "qqbot reason=..." is a log line, not a
     # credential); token characters, then optional base64 padding
     re.compile(r"\b(Bearer\s+|QQBot\s+|Bot\s+)([A-Za-z0-9._~+/-]{8,}=*)"),
+    # one-time tickets and chat-scoped webhook sessions in URLs (whoever holds one can connect
+    # as the bot, or post into that chat, for as long as it lives)
+    re.compile(r"([?&](?:ticket|session|sign)=)([^&\s'\"]+)"),
     # "access_token": "...", app_secret=..., clientSecret: ..., api_key ...
     re.compile(r"(?i)((?:access_token|tenant_access_token|app_access_token|app_?secret|"
                r"client_?secret|api_?key|secret|token|password)['\"]?\s*[:=]\s*['\"]?)"

@@ -21,7 +21,8 @@ from tests.support import BIN, Process, write_config
 PLATFORMS = all_platforms()
 SECRETS = {"wecom": "wecom-SECRET-4f1a9c", "feishu": "feishu-SECRET-77b2e0",
            "qqbot": "qq-SECRET-0c3d5e", "telegram": "7000001:TG-SECRET-5d8e2b",
-           "discord": "DISCORD-SECRET-93c1f7"}
+           "discord": "DISCORD-SECRET-93c1f7", "slack": "SLACK-SECRET-2b7e11",
+           "dingtalk": "DINGTALK-SECRET-6a0d42"}
 LLM_KEY = "sk-LLM-SECRET-91aa02"
 FIRST = ["please compute the primes below 1500000", "hash the word green for me",
          "tell me a long story about keepalives"]
