@@ -49,7 +49,6 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote_plus
 
-import gevent
 import requests
 from pydantic import Field, SecretStr
 
@@ -189,7 +188,7 @@ class DingTalkAdapter(WebSocketAdapter):
                  wall_clock: Callable[[], float] = time.time, **kw) -> None:
         super().__init__(config, on_message, **kw)
         self.heartbeat_interval_s = config.ping_interval_s
-        self.server_silence_s = config.server_silence_s
+        self.silence_timeout_s = config.server_silence_s  # data frames only (the kit's rule)
         self._api_base = config.api_base.rstrip("/")
         self._robot_code = config.robot_code or config.client_id
         self._wall = wall_clock
@@ -197,7 +196,6 @@ class DingTalkAdapter(WebSocketAdapter):
         self._http.headers.update({"Accept": CONTENT_JSON, "User-Agent": _user_agent()})
         self.token = AccessToken(self._http, self._api_base + TOKEN_PATH, config.client_id,
                                  config.client_secret, clock=clock, log=self.log)
-        self._last_data_rx = time.monotonic()
 
     @classmethod
     def check(cls, config, *, full: bool = False) -> str:
@@ -234,25 +232,10 @@ class DingTalkAdapter(WebSocketAdapter):
         raise ConnectionLost("open_failed", detail, retry_after=retry_after_s(resp.headers))
 
     def on_open(self) -> None:
-        self._last_data_rx = time.monotonic()
-        conn = self.conn
-        if conn is not None:
-            conn.spawn(self._watch_server_silence, conn, job="server-silence")
         self.mark_ready()
-
-    def _watch_server_silence(self, conn) -> None:
-        """The kit's silence rule counts pongs too; this one counts only the server's data
-        frames, so a server that still answers WebSocket pings but sends nothing else (no
-        pings of its own, no messages) is left as well."""
-        while True:
-            quiet = time.monotonic() - self._last_data_rx
-            if quiet >= self.server_silence_s:
-                return conn.end(ConnectionLost("zombie", f"no data frame for {quiet:.1f}s"))
-            gevent.sleep(self.server_silence_s - quiet)
 
     # -- frames --------------------------------------------------------------------------------
     def on_frame(self, data: str | bytes) -> None:
-        self._last_data_rx = time.monotonic()
         if isinstance(data, bytes):
             self.log.warning("frame skipped platform=dingtalk reason=binary bytes=%d", len(data))
             return

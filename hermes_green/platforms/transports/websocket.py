@@ -16,7 +16,8 @@ away when it ends, so nothing of a dead connection leaks into the next one.
 Keepalive comes in two kinds: a protocol frame answered by a protocol frame (the adapter calls
 `beat_answered()`), or a WebSocket ping control frame whose pong the reader sees itself
 (`keepalive = "ping"`). Either way each beat's lateness against its timetable is recorded, and
-`max_unanswered_beats` beats without an answer (or `silence_timeout_s` without any frame) make
+`max_unanswered_beats` beats without an answer (or `silence_timeout_s` without a data frame: a
+server that still answers pings but sends nothing else is silent too) make
 the connection a zombie: it is dropped and the base reconnects.
 
 Handover (for servers that announce a connection's end ahead of time and let a client hold a
@@ -407,7 +408,6 @@ class WebSocketAdapter(PlatformAdapter):
                 return conn.end(ConnectionLost("closed", "socket closed"))
             except (websocket.WebSocketException, OSError) as e:
                 return conn.end(ConnectionLost("read_failed", type(e).__name__))
-            conn.last_rx = time.monotonic()
             if opcode == websocket.ABNF.OPCODE_CLOSE:
                 code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
                 return self._on_close_frame(conn, code, data[2:].decode("utf-8", "replace"))
@@ -417,6 +417,7 @@ class WebSocketAdapter(PlatformAdapter):
                 continue
             if opcode == websocket.ABNF.OPCODE_PING:
                 continue  # websocket-client has already answered it with a pong
+            conn.last_rx = time.monotonic()  # data frames only: see silence_timeout_s
             if len(data) > self.max_frame_bytes:
                 self.log.warning("frame skipped platform=%s bot=%s reason=too_large bytes=%d",
                                  self.name, self.bot_id, len(data))
@@ -466,7 +467,7 @@ class WebSocketAdapter(PlatformAdapter):
                 return conn.end(ConnectionLost("zombie", f"{conn.unanswered} keepalives unanswered"))
             if self.silence_timeout_s is not None and now - conn.last_rx > self.silence_timeout_s:
                 return conn.end(ConnectionLost("zombie",
-                                               f"nothing received for {now - conn.last_rx:.1f}s"))
+                                               f"no data frame for {now - conn.last_rx:.1f}s"))
             try:
                 if self.keepalive is Keepalive.PING:
                     conn.ping()
