@@ -213,7 +213,6 @@ class DiscordAdapter(WebSocketAdapter):
     # is journaled, so a store failure drops the connection and the resume brings it again.
     on_journal_failure = JournalFailure.REPLAY
     max_unanswered_beats = 1  # "no heartbeat ACK between its attempts at sending heartbeats"
-    first_beat_at_once = True  # the timetable starts after the jitter wait (see _on_hello)
     # "When you close the connection with close code 1000 or 1001, your session will be
     # invalidated ... If you simply close the TCP connection ... the session will remain active"
     # (GW "Initiating a Disconnect"): we leave by a cut, so a reconnect or restart can resume.
@@ -349,21 +348,13 @@ class DiscordAdapter(WebSocketAdapter):
         self._hello_seen = True
         # The first beat after interval * jitter ("to prevent too many clients from reconnecting
         # at the exact same time"), then the kit's timetable every interval from there.
-        jitter = interval * self._rng.random()
-        conn = self.conn
-        if conn is not None:
-            conn.spawn(self._start_heartbeat_after, conn, jitter, interval, job="heartbeat-jitter")
+        self.start_heartbeat(interval, first_after_s=interval * self._rng.random())
         if again:
             return  # a second Hello only re-times the heartbeat
         if self.session_id is not None:
             self._send_resume()
         else:
             self._send_identify()
-
-    def _start_heartbeat_after(self, conn, delay_s: float, interval: float) -> None:
-        gevent.sleep(delay_s)
-        if self.conn is conn:
-            self.start_heartbeat(interval)
 
     def _send_identify(self) -> None:
         self.seq = None

@@ -238,8 +238,10 @@ class WebSocketAdapter(PlatformAdapter):
         if self.heartbeat_after_ready and self.heartbeat_interval_s is not None:
             self.start_heartbeat(self.heartbeat_interval_s)
 
-    def start_heartbeat(self, interval_s: float) -> None:
-        """Start (or re-time) the keepalive on a timetable that begins now."""
+    def start_heartbeat(self, interval_s: float, *, first_after_s: float | None = None) -> None:
+        """Start (or re-time) the keepalive on a timetable that begins now: the first beat after
+        `first_after_s` (a protocol's jitter), else at once with `first_beat_at_once`, else after
+        one interval; then every interval from there."""
         self.heartbeat_interval_s = interval_s
         conn = self._working_conn()
         if conn is None:
@@ -247,7 +249,8 @@ class WebSocketAdapter(PlatformAdapter):
         if conn.heartbeat is not None and not conn.heartbeat.dead:
             conn.heartbeat.kill(block=False)
         conn.interval_s = interval_s
-        conn.heartbeat = conn.spawn(self._heartbeat_loop, conn, interval_s, job="heartbeat")
+        conn.heartbeat = conn.spawn(self._heartbeat_loop, conn, interval_s, first_after_s,
+                                    job="heartbeat")
 
     @property
     def heartbeat_running(self) -> bool:
@@ -457,8 +460,11 @@ class WebSocketAdapter(PlatformAdapter):
             conn.end(ConnectionLost(f"close_{code}", reason[:100],
                                     resume=action is CloseAction.RESUME))
 
-    def _heartbeat_loop(self, conn: WebSocketConnection, interval: float) -> None:
-        due = time.monotonic() + (0.0 if self.first_beat_at_once else interval)
+    def _heartbeat_loop(self, conn: WebSocketConnection, interval: float,
+                        first_after_s: float | None = None) -> None:
+        if first_after_s is None:
+            first_after_s = 0.0 if self.first_beat_at_once else interval
+        due = time.monotonic() + first_after_s
         while True:
             gevent.sleep(max(0.0, due - time.monotonic()))
             now = time.monotonic()
