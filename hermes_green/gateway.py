@@ -49,6 +49,7 @@ from .platforms.base import Delivery, FatalPlatformError, PlatformAdapter, SendE
 from .platforms.botconfig import BotConfig
 from .platforms.kit import Backoff, spawn_owned
 from .ratelimit import RateLimiter
+from .ratelimit import describe as describe_limit
 from .replies import split_reply
 from .runtime import HubWatch
 from .sessions import BusyPolicy, SessionManager, TurnStopped
@@ -61,8 +62,8 @@ INTERRUPTED_REPLY = "(Stopped: answering your newer message instead.)"
 GAVE_UP_REPLY = ("Sorry, I could not answer this message: it was interrupted "
                  f"{MAX_TURN_ATTEMPTS} times by restarts.")
 STOPPED_MARK = "(stopped)"
-RATE_LIMIT_NOTICE = ("You are sending messages faster than I can take them ({messages} per "
-                     "{window}). I am not reading them for now; wait a moment, then try again.")
+RATE_LIMIT_NOTICE = ("You are sending messages faster than I can take them ({limit}). I am "
+                     "not reading them for now; wait a moment, then try again.")
 QUEUE_CAP_NOTICE = ("Too many messages are waiting in this chat (at most {cap}): I skipped "
                     "{which} one and will skip more while it stays this full.")
 OUTBOX_SEND_CONCURRENCY = 16  # chats whose replies are sent at the same time, per platform
@@ -305,8 +306,7 @@ class Gateway:
         if verdict.notify:
             access = self.access_for(bot)
             self._notice(msg, RATE_LIMIT_NOTICE.format(
-                messages=access.rate_messages, window=commands.duration(access.rate_per_s)),
-                kind="rate_limit")
+                limit=describe_limit(access.rate_messages, access.rate_per_s)), kind="rate_limit")
         return Delivery.REFUSED
 
     def _pairing_request(self, msg: InboundMessage) -> None:

@@ -70,3 +70,15 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+def describe(messages: int, per_s: float) -> str:
+    """"20 messages per minute", "3 messages per 2 hours", "5 messages per 10 seconds"."""
+    for unit_s, unit in ((3600, "hour"), (60, "minute"), (1, "second")):
+        if per_s >= unit_s and float(per_s / unit_s).is_integer():
+            n = int(per_s // unit_s)
+            window = unit if n == 1 else f"{n} {unit}s"
+            break
+    else:
+        window = f"{per_s:g} seconds"
+    return f"{messages} message{'' if messages == 1 else 's'} per {window}"

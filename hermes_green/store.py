@@ -281,6 +281,8 @@ class Store:
     def journal_inbound(self, msg: InboundMessage, *, state: str = "received") -> bool:
         """Record a message; False when (bot, message_id) was seen before (redelivery).
         `state='refused'`: kept only so a redelivery is recognized; never answered."""
+        if state not in ("received", "refused"):  # OR IGNORE would read a CHECK failure as a dup
+            raise ValueError(f"a message is journaled as received or refused, not {state!r}")
         now = self._clock()
         cur = self.db.execute(
             "INSERT OR IGNORE INTO inbound (bot, message_id, chat_id, state, payload,"
