@@ -46,12 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     pa.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                     help="the gateway's config (its data_dir holds the pairings)")
     pa_sub = pa.add_subparsers(dest="pairing_command", metavar="ACTION", required=True)
-    pa_sub.add_parser("list", help="pending codes and approved users")
+    ls = pa_sub.add_parser("list", help="pending codes and approved users")
     ap = pa_sub.add_parser("approve", help="let the user who was given CODE talk to the bot")
     ap.add_argument("code")
     rv = pa_sub.add_parser("revoke", help="forget USER: their next message needs a new code")
     rv.add_argument("user")
     rv.add_argument("--bot", metavar="KEY", help="only on this bot (e.g. telegram, qqbot/sales)")
+    for action in (ls, ap, rv):
+        action.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                            help="the gateway's config (may also come before the action)")
     rl = sub.add_parser("reload", help="make the running gateway read its config again "
                                        "(validated first; only changed bots reconnect)")
     rl.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
