@@ -138,10 +138,13 @@ def test_reload_restarts_only_the_changed_bot_and_running_turns_finish(tmp_path,
     qq, wecom = fleet.fakes["qqbot"], fleet.fakes["wecom"]
     try:
         conns = {"wecom": len(wecom.conns), "qqbot": len(qq.conns)}
-        # a turn that is still streaming while the reload happens
-        fleet.llm.script(text("slowly " * 60, chunk_chars=7, delay_s=0.02))
+        # turns still streaming while the reload happens, on the kept bot and on the restarted
+        slowly = "slowly " * 150  # 150 chunks, 20 ms apart: still streaming after the reload
+        fleet.llm.script(text(slowly, chunk_chars=7, delay_s=0.02),
+                         text(slowly, chunk_chars=7, delay_s=0.02))
         slow = fleet.send("wecom", "tell me slowly")
-        assert fleet.llm.streaming.wait(10)
+        slow_qq = fleet.send("qqbot", "you too, slowly")
+        assert fleet.llm.wait_for_chat_requests(2, timeout=10) and fleet.llm.streaming.wait(10)
         data["platforms"]["qqbot"]["rate_limit"] = {"messages": 5}
         data["agent"]["model"] = "fake-model-2"
         write_config(cfg, data)
@@ -149,12 +152,15 @@ def test_reload_restarts_only_the_changed_bot_and_running_turns_finish(tmp_path,
         assert result.returncode == 0, result.stderr
         assert result.stdout == ("reloaded: restarted=qqbot started=- stopped=- unchanged=wecom "
                                  "agent=new busy=unchanged\n")
+        assert not fleet.answers("qqbot", slow_qq)  # (the turn outlived the reload)
         newest = max(qq.conns)
         fleet.wait_for(lambda: len(qq.conns) == conns["qqbot"] + 1 and session_up(qq, newest),
                        timeout=20)
-        fleet.wait_for(lambda: fleet.answers("wecom", slow), timeout=20)
-        assert "".join(fleet.answers("wecom", slow)).strip() == ("slowly " * 60).strip()
-        assert fleet.llm.chat_requests[0].body["model"] == "fake-model"
+        fleet.wait_for(lambda: fleet.answers("wecom", slow) and fleet.answers("qqbot", slow_qq),
+                       timeout=20)
+        assert "".join(fleet.answers("wecom", slow)).strip() == slowly.strip()
+        assert fleet.answers("qqbot", slow_qq) == [slowly.strip()]  # after the bot's restart
+        assert [r.body["model"] for r in fleet.llm.chat_requests] == ["fake-model"] * 2
         # the next turn is served by the new agent settings, on the restarted bot
         after = fleet.send("qqbot", "hello after the reload")
         fleet.wait_for(lambda: fleet.answers("qqbot", after), timeout=20)
