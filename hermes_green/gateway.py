@@ -290,9 +290,10 @@ class Gateway:
             self._count_refused(msg, decision.reason)
             if decision.pairing:
                 self._pairing_request(msg)
-            else:
-                log.info("inbound refused platform=%s bot=%s chat=%s user=%s reason=%s",
-                         msg.platform, msg.bot, msg.chat_id, msg.user_id, decision.reason)
+            else:  # group chatter not addressed to us is routine: debug only
+                log.log(logging.DEBUG if decision.reason == "mention" else logging.INFO,
+                        "inbound refused platform=%s bot=%s chat=%s user=%s reason=%s",
+                        msg.platform, msg.bot, msg.chat_id, msg.user_id, decision.reason)
             return Delivery.REFUSED
         limiter = self._limits.get(bot)
         verdict = limiter.check(msg.user_id) if limiter is not None else None
