@@ -41,6 +41,24 @@ def _parser() -> argparse.ArgumentParser:
                                      "the same session path as the platforms")
     ch.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                     help="the config to use (may also come before the command)")
+    pa = sub.add_parser("pairing", help="list, approve or revoke users who asked to talk to a "
+                                         "bot with dm_policy: pairing (works while it runs)")
+    pa.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                    help="the gateway's config (its data_dir holds the pairings)")
+    pa_sub = pa.add_subparsers(dest="pairing_command", metavar="ACTION", required=True)
+    ls = pa_sub.add_parser("list", help="pending codes and approved users")
+    ap = pa_sub.add_parser("approve", help="let the user who was given CODE talk to the bot")
+    ap.add_argument("code")
+    rv = pa_sub.add_parser("revoke", help="forget USER: their next message needs a new code")
+    rv.add_argument("user")
+    rv.add_argument("--bot", metavar="KEY", help="only on this bot (e.g. telegram, qqbot/sales)")
+    for action in (ls, ap, rv):
+        action.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                            help="the gateway's config (may also come before the action)")
+    rl = sub.add_parser("reload", help="make the running gateway read its config again "
+                                       "(validated first; only changed bots reconnect)")
+    rl.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                    help="the gateway's config file (may also come before the command)")
     from .service_install import add_parser as add_service_parser
     add_service_parser(sub)
     return p
@@ -56,7 +74,7 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command in ("check", "chat") and not args.config:
+    if args.command in ("check", "chat", "pairing", "reload") and not args.config:
         parser.error(f"{args.command} needs --config FILE")
     try:
         if args.command == "demo":
@@ -70,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "service":
             from . import service_install
             return service_install.run(args)
+        if args.command == "pairing":
+            return run_pairing(load_config(args.config), args)
+        if args.command == "reload":
+            return run_reload(load_config(args.config))
         if args.config:
-            return run_gateway(load_config(args.config))
+            return run_gateway(load_config(args.config), config_path=args.config)
     except (ConfigError, StoreError) as e:
         return _fail(str(e))
     _parser().print_help(sys.stderr)
@@ -84,13 +106,14 @@ def _configure_logging(config, *, level: str | None = None) -> None:
                   config_secrets(config))
 
 
-def run_gateway(config) -> int:
+def run_gateway(config, config_path: str | None = None) -> int:
+    from . import reload as reloading
     from .gateway import Gateway
     from .runtime import HubWatch, freeze_startup_heap
     _configure_logging(config)
     hub = HubWatch(threads=config.executors.threads,
                    max_blocking_time_s=config.gateway.max_blocking_time_s)
-    gateway = Gateway(config, hub_watch=hub)
+    gateway = Gateway(config, hub_watch=hub, config_path=config_path)
     gateway.start()
     if config.gateway.status.enabled:
         from .status import StatusServer, StatusServerError
@@ -100,7 +123,88 @@ def run_gateway(config) -> int:
             gateway.shutdown()
             return _fail(f"gateway.status: {e}")
     freeze_startup_heap()
-    return gateway.serve_forever()
+    gateway.install_signal_handlers()  # SIGHUP reloads: installed before anyone can find us
+    pid_file = reloading.write_pid_file(config.gateway.data_dir)
+    try:
+        return gateway.serve_forever()
+    finally:
+        reloading.remove_pid_file(pid_file)
+
+
+def _open_store(config):
+    """The gateway's database, for the commands that work beside a running gateway."""
+    from .store import Store
+    store = Store(config.gateway.data_dir)
+    if not store.path.exists():
+        raise StoreError(f"{store.path}: no database yet (has the gateway run with this "
+                         f"config's data_dir?)")
+    return store.open()
+
+
+def run_pairing(config, args) -> int:
+    """`pairing list | approve CODE | revoke USER`: rows in the data_dir's SQLite file, which
+    the running gateway reads for each message of a user it does not know otherwise."""
+    import time
+    from .access import normalize_code
+    store = _open_store(config)
+    try:
+        if args.pairing_command == "list":
+            rows = store.pairing_list()
+            now = time.time()
+            for r in rows:
+                if r["state"] == "approved":
+                    print(f"approved  {r['bot']}  user={r['user_id']}")  # cli-output
+                else:
+                    left = (r["expires_at"] or 0) - now
+                    when = f"expires in {int(left // 60)} min" if left > 0 else "expired"
+                    line = f"pending   {r['bot']}  user={r['user_id']}  code={r['code']}  {when}"
+                    print(line)  # cli-output
+            if not rows:
+                print("no pairings")  # cli-output
+            return EXIT_OK
+        if args.pairing_command == "approve":
+            code = normalize_code(args.code)
+            outcome, bot, user = store.pairing_approve(code) if code else ("unknown", None, None)
+            if outcome == "approved":
+                print(f"approved: {user} may now talk to {bot}")  # cli-output
+                return EXIT_OK
+            if outcome == "expired":
+                sys.stderr.write(f"hermes-green: pairing code {code} has expired; the user gets "
+                                 f"a new one with their next message\n")
+                return EXIT_FAILED
+            sys.stderr.write("hermes-green: no pending pairing has that code (see "
+                             "`hermes-green pairing list`)\n")
+            return EXIT_FAILED
+        removed = store.pairing_revoke(args.user, args.bot)
+        if not removed:
+            sys.stderr.write(f"hermes-green: {args.user} is not paired"
+                             f"{' with ' + args.bot if args.bot else ''}\n")
+            return EXIT_FAILED
+        bots = "1 bot" if removed == 1 else f"{removed} bots"
+        print(f"revoked: {args.user} ({bots})")  # cli-output
+        return EXIT_OK
+    finally:
+        store.close(checkpoint=False)
+
+
+def run_reload(config) -> int:
+    """The file was just validated (load_config); signal the gateway running on its data_dir
+    and report what it did."""
+    from . import reload as reloading
+    store = _open_store(config)
+    try:
+        ok, detail = reloading.request_reload(
+            config.gateway.data_dir, lambda: store.meta_get(reloading.LAST_RELOAD_KEY))
+    except reloading.ReloadError as e:
+        sys.stderr.write(f"hermes-green: {e}\n")
+        return EXIT_FAILED
+    finally:
+        store.close(checkpoint=False)
+    if not ok:
+        sys.stderr.write(f"hermes-green: reload refused: {detail}\n")
+        return EXIT_FAILED
+    print(f"reloaded: {detail}")  # cli-output
+    return EXIT_OK
 
 
 def run_chat(config) -> int:

@@ -20,13 +20,14 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, create_model, model_validator
 
 from .platforms import registry
-from .platforms.botconfig import BackoffConfig, BotConfig, StrictModel
+from .platforms.botconfig import BackoffConfig, BotConfig, RateLimitConfig, StrictModel
 
 from . import safe_yaml
 
 __all__ = [
     "ConfigError", "Config", "GatewayConfig", "StatusConfig", "AgentConfig", "AgentServiceConfig",
     "ExecutorsConfig", "PlatformsConfig", "BotConfig", "BotSection", "BackoffConfig",
+    "BusyConfig", "RateLimitConfig",
     "load_config", "parse_config",
 ]
 
@@ -114,9 +115,23 @@ class StatusConfig(_Strict):
         return self
 
 
+class BusyConfig(_Strict):
+    """What a chat's waiting messages may cost (hermes_green/sessions.py)."""
+    # Messages that arrive this close together (a user splitting one thought into several
+    # messages) become one turn; 0: off.
+    debounce_ms: int = Field(0, ge=0, le=60_000)
+    # Messages waiting per chat; beyond it one is skipped (`drop`) and the user told once.
+    queue_cap: int = Field(20, ge=1, le=10_000)
+    drop: Literal["oldest", "newest"] = "oldest"
+
+
 class GatewayConfig(_Strict):
     data_dir: Path = Path("./data")
-    busy_mode: Literal["queue", "interrupt", "merge"] = "queue"
+    # A message sent while the chat's turn runs: waits (queue), ends the turn (interrupt), joins
+    # the others into one next turn (merge), or reaches the running turn after its current tool
+    # round (steer).
+    busy_mode: Literal["queue", "interrupt", "merge", "steer"] = "queue"
+    busy: BusyConfig = Field(default_factory=BusyConfig)
     drain_timeout_s: float = Field(30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["kv", "json"] = "kv"

@@ -13,31 +13,46 @@ restarted):
                             retrying with backoff; rows survive reconnects and restarts
     store:checkpoint        WAL checkpoints off the hub
     session:/turn:<chat>    owned by the SessionManager
+    command:<bot>:<chat>    one chat command (/stop, /new, /status, /help), beside the busy lock
+    gateway:reload          one hot reload (SIGHUP), one at a time
 Shutdown runs in a fixed order and a second call is a no-op: stop taking turns, let running
 turns finish (up to drain_timeout_s), flush the outbox, close connections.
+
+Before a message reaches a session it passes the bot's access policy (access.py: allow_from,
+dm/group policy, pairing, mentions) and its per-user rate limit (ratelimit.py); refused messages
+are never answered, except one notice where the user should know (a rate limit bit, a pairing
+code). Commands (commands.py) bypass the chat's busy lock. A reload (reload.py) restarts only
+the bots whose section changed.
 """
 from __future__ import annotations
 
 import logging
 import signal
 import time
+from collections import Counter
 from typing import Callable
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.pool
 from gevent import GreenletExit
 
-from . import metrics
+from . import commands, metrics
+from . import reload as reloading
+from .access import PAIRING_NOTICE, PAIRING_TTL_S, BotAccess, new_pairing_code
 from .agent.base import Agent, Turn, TurnFailed
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .models import InboundMessage, OutboundMessage, attachment_placeholder, split_bot_key
 from .platforms import registry
 from .platforms.base import Delivery, FatalPlatformError, PlatformAdapter, SendError, State
+from .platforms.botconfig import BotConfig
 from .platforms.kit import Backoff, spawn_owned
+from .ratelimit import RateLimiter
+from .ratelimit import describe as describe_limit
 from .replies import split_reply
 from .runtime import HubWatch
-from .sessions import SessionManager
+from .sessions import BusyPolicy, SessionManager, TurnStopped
 from .store import MAX_TURN_ATTEMPTS, Store
 
 log = logging.getLogger("hermes_green.gateway")
@@ -46,6 +61,11 @@ ERROR_REPLY = "Sorry, something went wrong while answering. Please try again."
 INTERRUPTED_REPLY = "(Stopped: answering your newer message instead.)"
 GAVE_UP_REPLY = ("Sorry, I could not answer this message: it was interrupted "
                  f"{MAX_TURN_ATTEMPTS} times by restarts.")
+STOPPED_MARK = "(stopped)"
+RATE_LIMIT_NOTICE = ("You are sending messages faster than I can take them ({limit}). I am "
+                     "not reading them for now; wait a moment, then try again.")
+QUEUE_CAP_NOTICE = ("Too many messages are waiting in this chat (at most {cap}): I skipped "
+                    "{which} one and will skip more while it stays this full.")
 OUTBOX_SEND_CONCURRENCY = 16  # chats whose replies are sent at the same time, per platform
 OUTBOX_FLUSH_MAX_S = 10.0
 STORE_RETRY_S = 1.0  # a store error in an outbox loop: wait this long, then read again
@@ -58,6 +78,13 @@ def adapter_class(platform: str) -> type[PlatformAdapter]:
     return registry.adapter_class(platform)
 
 
+def _adapter_section(cfg):
+    """The section an adapter gets: allow_from is the gateway's to enforce (access.py), where
+    admins, paired users and pairing codes are known; the kit's own check would refuse an
+    unknown user before pairing could answer."""
+    if isinstance(cfg, BotConfig) and cfg.allow_from:
+        return cfg.model_copy(update={"allow_from": []})
+    return cfg
 
 
 def turn_text(messages: list[InboundMessage]) -> str:
@@ -76,20 +103,31 @@ def turn_text(messages: list[InboundMessage]) -> str:
 class Gateway:
     def __init__(self, config: Config, *, agent: Agent | None = None,
                  adapter_factories: dict[str, AdapterFactory] | None = None,
-                 hub_watch: HubWatch | None = None) -> None:
+                 hub_watch: HubWatch | None = None, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # what SIGHUP reloads (None: reload is refused)
         self.store = Store(config.gateway.data_dir,
                            history_limit=max(2 * (config.agent.max_history if config.agent else 40), 2))
         self._agent = agent
+        self._agent_injected = agent is not None  # a reload keeps an agent it did not build
         self.agent: Agent | None = None
+        self._agent_turns: Counter = Counter()  # agent -> turns running on it
+        self._retired_agents: list[Agent] = []  # replaced by a reload; closed when idle
         self._factories = dict(adapter_factories or {})
         self.hub_watch = hub_watch
         self.adapters: dict[str, PlatformAdapter] = {}
         self.fatal: dict[str, str] = {}
-        self.sessions = SessionManager(config.gateway.busy_mode, self._run_turn,
-                                       self._on_interrupted)
+        self.sessions = SessionManager(BusyPolicy.from_config(config.gateway), self._run_turn,
+                                       self._on_interrupted, on_stopped=self._on_stopped,
+                                       on_dropped=self._on_dropped)
+        self.commands = commands.CommandHandler(self)
+        self._access: dict[str, BotAccess] = {}
+        self._limits: dict[str, RateLimiter] = {}
         self._group = gevent.pool.Group()
-        self._supervisors: list[gevent.Greenlet] = []
+        self._supervisors: dict[str, gevent.Greenlet] = {}  # bot key -> its supervisor
+        self._retiring: set[str] = set()  # bots being stopped by a reload
+        self._reload_lock = gevent.lock.Semaphore()
+        self._signals_installed = False
         self._outbox_wake: dict[str, gevent.event.Event] = {}
         self._stopping = False
         self.stopped = gevent.event.Event()
@@ -113,9 +151,7 @@ class Gateway:
             self.hub_watch.start()
         self.started_at = time.time()
         for key in self._factories:
-            cfg = enabled.get(key)
-            self._supervisors.append(self._spawn(self._supervise, key, cfg,
-                                                 name=f"supervisor:{key}"))
+            self._start_bot(key, enabled.get(key))
         for key in set(self._factories) | set(self.store.outbox_bots()):
             self._ensure_outbox(key)
         self._spawn(self._checkpoint_loop, name="store:checkpoint", restart=True)
@@ -145,7 +181,7 @@ class Gateway:
                 self._finish([msg], GAVE_UP_REPLY, state="failed", user_text=None,
                              answer_text=None)
             else:
-                self.sessions.submit(msg)
+                self._dispatch(msg)
 
     def _checkpoint_loop(self) -> None:
         """The first round runs at start: a WAL left by a crash is folded in at once, and a
@@ -171,16 +207,17 @@ class Gateway:
         backoff = Backoff(initial_s=1.0, max_s=60.0, healthy_after_s=60.0)
         if cfg is not None and hasattr(cfg, "backoff"):
             backoff = Backoff.from_config(cfg.backoff)
-        while not self._stopping:
-            adapter = self._factories[name](cfg, self.on_inbound,
+        while not self._stopping and name not in self._retiring:
+            adapter = self._factories[name](_adapter_section(cfg), self.on_inbound,
                                             saved_state=self.store.adapter_state(name))
             if adapter.bot_key != name:  # its messages would be routed to another bot's key
                 raise RuntimeError(f"adapter for {name!r} names itself {adapter.bot_key!r}")
+            self._ensure_access(name, cfg if cfg is not None else adapter.config)
             self.adapters[name] = adapter
             started = time.monotonic()
             try:
                 adapter.run()
-                if self._stopping:
+                if self._stopping or name in self._retiring:
                     return
                 log.error("adapter returned without being stopped platform=%s", name)
             except FatalPlatformError as e:
@@ -204,18 +241,117 @@ class Gateway:
     # -- inbound -----------------------------------------------------------------------------
     def on_inbound(self, msg: InboundMessage) -> Delivery:
         """Called by an adapter's read loop, synchronously, before it acknowledges the frame.
-        A store error propagates: the adapter kit applies its platform's journal-failure rule."""
+        A store error propagates: the adapter kit applies its platform's journal-failure rule.
+        A redelivery is recognized before the access policy and the rate limit look at it, so
+        it never spends a token or draws a second notice."""
+        if self.store.inbound_state(msg.bot_key, msg.message_id) is not None:
+            return self._duplicate(msg)
+        refused = self._admit(msg)
+        if refused is not None:
+            return refused
         if not self.store.journal_inbound(msg):
-            metrics.duplicates_total.labels(msg.platform, msg.bot or msg.platform).inc()
-            log.info("duplicate skipped platform=%s bot=%s chat=%s msg=%s", msg.platform,
-                     msg.bot, msg.chat_id, msg.message_id)
-            return Delivery.DUPLICATE
+            return self._duplicate(msg)
         metrics.messages_total.labels(msg.platform, msg.bot or msg.platform, "in").inc()
         log.info("inbound platform=%s bot=%s chat=%s msg=%s chars=%d", msg.platform, msg.bot,
                  msg.chat_id, msg.message_id, len(msg.text))
         if self.sessions.accepting:
-            self.sessions.submit(msg)
+            self._dispatch(msg)
         return Delivery.NEW
+
+    def _duplicate(self, msg: InboundMessage) -> Delivery:
+        metrics.duplicates_total.labels(msg.platform, msg.bot or msg.platform).inc()
+        log.info("duplicate skipped platform=%s bot=%s chat=%s msg=%s", msg.platform,
+                 msg.bot, msg.chat_id, msg.message_id)
+        return Delivery.DUPLICATE
+
+    def _dispatch(self, msg: InboundMessage) -> None:
+        """A command runs now, beside the chat's busy lock; anything else goes to its chat."""
+        cmd = commands.parse(msg.text)
+        if cmd is None:
+            self.sessions.submit(msg)
+            return
+        self._spawn(self._run_command, msg, cmd, name=f"command:{msg.bot_key}:{msg.chat_id}")
+
+    # -- access: policy, pairing, rate limit (before anything is journaled as work) -----------
+    def _ensure_access(self, bot: str, section) -> None:
+        if bot not in self._access:
+            access = self._access[bot] = BotAccess.from_config(section)
+            self._limits[bot] = RateLimiter(access.rate_messages, access.rate_per_s)
+
+    def access_for(self, bot: str) -> BotAccess:
+        return self._access.get(bot) or BotAccess()
+
+    def _admit(self, msg: InboundMessage) -> Delivery | None:
+        """None when the message may go on; else how it was refused (after journaling it as
+        refused where a notice or a redelivery needs the record)."""
+        bot = msg.bot_key
+        decision = self.access_for(bot).decide(msg, lambda: self.store.is_paired(bot, msg.user_id))
+        if not decision.allowed:
+            self._count_refused(msg, decision.reason)
+            if decision.pairing:
+                self._pairing_request(msg)
+            else:  # group chatter not addressed to us is routine: debug only
+                log.log(logging.DEBUG if decision.reason == "mention" else logging.INFO,
+                        "inbound refused platform=%s bot=%s chat=%s user=%s reason=%s",
+                        msg.platform, msg.bot, msg.chat_id, msg.user_id, decision.reason)
+            return Delivery.REFUSED
+        limiter = self._limits.get(bot)
+        verdict = limiter.check(msg.user_id) if limiter is not None else None
+        if verdict is None or verdict.allowed:
+            return None
+        self.store.journal_inbound(msg, state="refused")
+        self._count_refused(msg, "rate_limit")
+        log.info("inbound refused platform=%s bot=%s chat=%s user=%s msg=%s reason=rate_limit "
+                 "notice=%s", msg.platform, msg.bot, msg.chat_id, msg.user_id, msg.message_id,
+                 verdict.notify)
+        if verdict.notify:
+            access = self.access_for(bot)
+            self._notice(msg, RATE_LIMIT_NOTICE.format(
+                limit=describe_limit(access.rate_messages, access.rate_per_s)), kind="rate_limit")
+        return Delivery.REFUSED
+
+    def _pairing_request(self, msg: InboundMessage) -> None:
+        self.store.journal_inbound(msg, state="refused")
+        code = self.store.pairing_request(msg.bot_key, msg.user_id, msg.chat_id,
+                                          ttl_s=PAIRING_TTL_S, make_code=new_pairing_code)
+        log.info("inbound refused platform=%s bot=%s chat=%s user=%s reason=pairing "
+                 "code_issued=%s", msg.platform, msg.bot, msg.chat_id, msg.user_id,
+                 code is not None)
+        if code is not None:
+            self._notice(msg, PAIRING_NOTICE.format(code=code), kind="pairing")
+
+    def _count_refused(self, msg: InboundMessage, reason: str, n: int = 1) -> None:
+        metrics.refused_total.labels(msg.platform, msg.bot or msg.platform, reason).inc(n)
+
+    def _notice(self, msg: InboundMessage, text: str, *, kind: str) -> None:
+        """A short reply the user should see although no turn answers (the outbox sends it;
+        it replies to a message that gets no other answer)."""
+        self._write_reply(msg, text, message_ids=[], state="refused")
+        metrics.notices_total.labels(msg.platform, msg.bot or msg.platform, kind).inc()
+
+    # -- commands -----------------------------------------------------------------------------
+    def _run_command(self, msg: InboundMessage, cmd: commands.Command) -> None:
+        bot = msg.bot_key
+        self.store.mark_processing(bot, [msg.message_id])
+        metrics.commands_total.labels(msg.platform, msg.bot or msg.platform,
+                                      cmd.name if cmd.known else "unknown").inc()
+        log.info("command platform=%s bot=%s chat=%s msg=%s command=%s", msg.platform, msg.bot,
+                 msg.chat_id, msg.message_id, cmd.name if cmd.known else "unknown")
+        try:
+            reply = self.commands.handle(msg, cmd)
+        except Exception as e:
+            log.exception("command failed platform=%s chat=%s error=%s", msg.platform,
+                          msg.chat_id, type(e).__name__)
+            reply = ERROR_REPLY
+        self._finish([msg], reply, state="answered", user_text=None, answer_text=None)
+
+    def stop_chat(self, key: tuple[str, str]) -> tuple[bool, int]:
+        """`/stop` and `/new`: end the chat's running turn (its partial answer is kept) and drop
+        the messages waiting behind it. Returns (a turn was stopped, messages dropped)."""
+        stopped, dropped = self.sessions.stop(key)
+        if dropped:
+            self._on_dropped(dropped, False, reason="stopped")
+        return stopped, len(dropped)
 
     # -- turns -------------------------------------------------------------------------------
     def _run_turn(self, batch: list[InboundMessage]) -> None:
@@ -226,8 +362,10 @@ class Gateway:
         max_history = self.config.agent.max_history if self.config.agent else 40
         adapter = self.adapters.get(bot)
         last = batch[-1]
+        said = [""]  # the answer so far, kept in history if the turn is stopped
 
         def on_progress(text_so_far: str) -> None:
+            said[0] = text_so_far
             if adapter is not None and adapter.ready.is_set():
                 try:
                     adapter.progress(last.reply_ref, text_so_far)
@@ -236,12 +374,17 @@ class Gateway:
 
         turn = Turn(chat_key=(bot, chat_id), text=text,
                     history=self.store.history(bot, chat_id, max_history),
-                    on_progress=on_progress)
+                    on_progress=on_progress,
+                    take_follow_ups=lambda: self._take_follow_ups(batch))
         started = time.monotonic()
         metrics.turns_in_flight.inc()
         state = "answered"
+        agent = self.agent  # a reload may replace it; this turn finishes on this one
+        self._agent_turns[agent] += 1
         try:
-            answer = self.agent.run_turn(turn)
+            answer = agent.run_turn(turn)
+        except TurnStopped:
+            state = "stopped"
         except GreenletExit:
             raise
         except TurnFailed as e:
@@ -253,10 +396,54 @@ class Gateway:
         finally:
             metrics.turns_in_flight.dec()
             metrics.turn_seconds.observe(time.monotonic() - started)
+            self._agent_done(agent)
+        if state == "stopped":
+            self._on_stopped(batch, said[0])
+            return
         # A failed turn leaves no trace in history: the model never reads its error back.
         ok = state == "answered"
+        text = turn_text(batch)  # steer: the follow-ups the turn took are part of it
         self._finish(batch, answer, state=state, user_text=text if ok else None,
                      answer_text=answer if ok else None)
+
+    def _take_follow_ups(self, batch: list[InboundMessage]) -> list[str]:
+        """Busy mode steer: messages for this running turn, now part of its batch."""
+        taken = self.sessions.take_follow_ups(batch)
+        if not taken:
+            return []
+        self.store.mark_processing(taken[0].bot_key, [m.message_id for m in taken])
+        log.info("follow-ups given to the running turn bot=%s chat=%s msgs=%d",
+                 taken[0].bot_key, taken[0].chat_id, len(taken))
+        return [turn_text([m]) for m in taken]
+
+    def _on_stopped(self, batch: list[InboundMessage], said: str = "") -> None:
+        """`/stop` ended this turn: what the user wrote and what was said so far stay in the
+        history; a partial answer is sent with a mark (it finishes a streamed reply)."""
+        bot, chat_id = batch[0].chat_key
+        log.info("turn stopped bot=%s chat=%s msgs=%d chars_said=%d", bot, chat_id, len(batch),
+                 len(said))
+        said = said.strip()
+        if said:
+            self._finish(batch, f"{said}\n\n{STOPPED_MARK}", state="answered",
+                         user_text=turn_text(batch), answer_text=said)
+        else:
+            self._write_reply(batch[-1], None, message_ids=[m.message_id for m in batch],
+                              state="answered", user_text=turn_text(batch))
+
+    def _on_dropped(self, dropped: list[InboundMessage], notify: bool, *,
+                    reason: str = "queue_cap") -> None:
+        """Messages skipped by the queue cap (or dropped by /stop): never answered later."""
+        first = dropped[0]
+        self.store.finish_turn(first.bot_key, first.chat_id, [m.message_id for m in dropped],
+                               [], user_text=None, answer_text=None, state="refused")
+        self._count_refused(first, reason, len(dropped))
+        log.info("inbound dropped bot=%s chat=%s msgs=%d reason=%s notice=%s", first.bot_key,
+                 first.chat_id, len(dropped), reason, notify)
+        if notify:
+            policy = self.sessions.policy
+            self._notice(first, QUEUE_CAP_NOTICE.format(
+                cap=policy.queue_cap, which="the oldest waiting" if policy.drop == "oldest"
+                else "this"), kind="queue_cap")
 
     def _on_interrupted(self, batch: list[InboundMessage]) -> None:
         bot, chat_id = batch[0].chat_key
@@ -266,16 +453,23 @@ class Gateway:
 
     def _finish(self, batch: list[InboundMessage], answer: str, *, state: str,
                 user_text: str | None, answer_text: str | None) -> None:
-        bot, chat_id = batch[0].chat_key
+        self._write_reply(batch[-1], answer, message_ids=[m.message_id for m in batch],
+                          state=state, user_text=user_text, answer_text=answer_text)
+
+    def _write_reply(self, last: InboundMessage, answer: str | None, *, message_ids: list[str],
+                     state: str, user_text: str | None = None,
+                     answer_text: str | None = None) -> None:
+        """One transaction: the reply to `last` (none when `answer` is None) into the outbox,
+        `message_ids` closed with `state`, history appended."""
+        bot, chat_id = last.chat_key
         adapter = self.adapters.get(bot)
         chunk = adapter.reply_chunk_chars() if adapter else 2000
         max_parts = adapter.max_reply_parts() if adapter else 5
-        last = batch[-1]
-        parts = [OutboundMessage(platform=last.platform, bot=last.bot, chat_id=chat_id,
-                                 text=piece, in_reply_to=last.message_id,
-                                 reply_ref=last.reply_ref, seq=i)
-                 for i, piece in enumerate(split_reply(answer, chunk, max_parts))]
-        self.store.finish_turn(bot, chat_id, [m.message_id for m in batch], parts,
+        parts = [] if answer is None else [
+            OutboundMessage(platform=last.platform, bot=last.bot, chat_id=chat_id, text=piece,
+                            in_reply_to=last.message_id, reply_ref=last.reply_ref, seq=i)
+            for i, piece in enumerate(split_reply(answer, chunk, max_parts))]
+        self.store.finish_turn(bot, chat_id, message_ids, parts,
                                user_text=user_text, answer_text=answer_text, state=state)
         metrics.outbox_pending.set(self.store.outbox_pending())
         self._ensure_outbox(bot)
@@ -362,8 +556,13 @@ class Gateway:
 
     # -- stop --------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
+        if self._signals_installed:
+            return
+        self._signals_installed = True
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, self._on_signal, sig)
+        if self.config_path is not None:
+            gevent.signal_handler(signal.SIGHUP, self._on_reload_signal)
 
     def _on_signal(self, sig) -> None:
         log.info("signal received signal=%s", signal.Signals(sig).name)
@@ -393,10 +592,12 @@ class Gateway:
             log.warning("outbox not empty at exit pending=%d (sent on next start)", left)
         for adapter in self.adapters.values():
             adapter.stop()
-        gevent.joinall(self._supervisors, timeout=5)  # adapters close their connections
+        gevent.joinall(list(self._supervisors.values()), timeout=5)  # connections close
         self._group.kill(block=True, timeout=2)
         if self.status_server is not None:
             self.status_server.stop()
+        for retired in self._retired_agents:
+            retired.close()
         if self.agent is not None:
             self.agent.close()
         if self.hub_watch is not None:
@@ -421,6 +622,103 @@ class Gateway:
                 return True
             gevent.sleep(0.01)
         return False
+
+    # -- bots: start, stop, hot reload (reload.py) --------------------------------------------
+    def _start_bot(self, key: str, cfg) -> None:
+        self._retiring.discard(key)
+        self.fatal.pop(key, None)
+        self._supervisors[key] = self._spawn(self._supervise, key, cfg, name=f"supervisor:{key}")
+        self._ensure_outbox(key)
+
+    def _stop_bot(self, key: str, timeout: float = 5.0) -> None:
+        """Close one bot's connection and end its supervisor; other bots never notice. Its
+        unsent replies stay in the outbox for when it comes back."""
+        self._retiring.add(key)
+        adapter = self.adapters.get(key)
+        if adapter is not None:
+            adapter.stop()
+        supervisor = self._supervisors.pop(key, None)
+        if supervisor is not None:
+            supervisor.join(timeout)
+            if not supervisor.dead:
+                supervisor.kill(block=True, timeout=2)
+        self.adapters.pop(key, None)
+        self.fatal.pop(key, None)
+        self._access.pop(key, None)  # a changed section brings its own policy and limits
+        self._limits.pop(key, None)
+
+    def _on_reload_signal(self) -> None:
+        log.info("signal received signal=SIGHUP")
+        self._spawn(self.reload, name="gateway:reload")
+
+    def reload(self) -> tuple[bool, str]:
+        """Read the config file again and apply what changed; an invalid file changes nothing
+        (one line in the log). Returns (applied, detail); the outcome is also recorded for
+        `hermes-green reload`."""
+        with self._reload_lock:
+            if self._stopping:
+                ok, detail = False, "the gateway is stopping"
+            else:
+                ok, detail = self._reload_once()
+        metrics.reloads_total.labels("applied" if ok else "refused").inc()
+        try:
+            self.store.meta_put(reloading.LAST_RELOAD_KEY, reloading.outcome_record(ok, detail))
+        except Exception as e:  # the reload itself is done; only its report is lost
+            log.warning("reload outcome not recorded error=%s", type(e).__name__)
+        return ok, detail
+
+    def _reload_once(self) -> tuple[bool, str]:
+        if self.config_path is None:
+            return False, "no config file to reload (the gateway was started without one)"
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload refused error=%s", e)
+            return False, str(e)
+        plan = reloading.plan(self.config, new)
+        if plan.refused:
+            log.error("reload refused error=%s", plan.refused)
+            return False, plan.refused
+        agent = None
+        if plan.agent_changed and not self._agent_injected:
+            try:
+                from .agent import loop
+                agent = loop.build_agent(new)
+            except ConfigError as e:
+                log.error("reload refused error=%s", e)
+                return False, str(e)
+        # Valid and built: from here on the reload applies in full.
+        self.config = new
+        self.sessions.policy = BusyPolicy.from_config(new.gateway)
+        self.store.history_limit = max(2 * (new.agent.max_history if new.agent else 40), 2)
+        if agent is not None:
+            self._swap_agent(agent)
+        for key in plan.stop:
+            self._stop_bot(key)
+        for key, section in plan.start.items():
+            if key not in self._factories:
+                self._factories[key] = adapter_class(split_bot_key(key)[0])
+            self._start_bot(key, section)
+        detail = plan.describe()
+        log.info("config reloaded %s", detail)
+        return True, detail
+
+    def _swap_agent(self, agent: Agent) -> None:
+        old, self.agent = self.agent, agent
+        self._agent = agent
+        if old is not None:
+            self._retired_agents.append(old)
+            self._agent_done(old, count=False)
+
+    def _agent_done(self, agent: Agent, *, count: bool = True) -> None:
+        """A turn ended on `agent`: a retired agent is closed once its last turn ended."""
+        if count:
+            self._agent_turns[agent] -= 1
+        if self._agent_turns[agent] <= 0:
+            del self._agent_turns[agent]
+            if agent in self._retired_agents:
+                self._retired_agents.remove(agent)
+                agent.close()
 
     # -- introspection -----------------------------------------------------------------------
     def platform_states(self) -> dict[str, dict]:

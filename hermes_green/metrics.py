@@ -51,3 +51,15 @@ tool_seconds = Histogram("hermes_green_tool_seconds", "Tool call duration",
                          registry=REGISTRY)
 turns_in_flight = Gauge("hermes_green_turns_in_flight", "Agent turns running now",
                         registry=REGISTRY)
+refused_total = Counter("hermes_green_inbound_refused_total",
+                        "Inbound messages not answered, by reason: rate_limit, queue_cap, "
+                        "stopped (dropped by /stop or /new), pairing, allow_from, dm_policy, "
+                        "group_policy, mention", ["platform", "bot", "reason"], registry=REGISTRY)
+notices_total = Counter("hermes_green_notices_total",
+                        "Short notices sent instead of an answer (rate_limit, queue_cap, "
+                        "pairing): one per rate-limit bite or queue overflow",
+                        ["platform", "bot", "kind"], registry=REGISTRY)
+commands_total = Counter("hermes_green_commands_total", "Chat commands run",
+                         ["platform", "bot", "command"], registry=REGISTRY)
+reloads_total = Counter("hermes_green_reloads_total", "Config reloads by outcome",
+                        ["result"], registry=REGISTRY)

@@ -48,6 +48,10 @@ class InboundMessage:
     reply_ref: dict[str, Any] = field(default_factory=dict)
     received_at: float = field(default_factory=time.time)
     bot: str = ""  # which bot of the platform received it (set by the adapter kit)
+    # In a group: whether the message addresses this bot (a mention, a reply to it, /cmd@bot).
+    # None: the adapter does not say (its platform delivers only addressed group messages).
+    # `require_mention` refuses group messages marked False (hermes_green/access.py).
+    mentioned: bool | None = None
 
     @property
     def bot_key(self) -> str:

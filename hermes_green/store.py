@@ -38,7 +38,7 @@ from .models import InboundMessage, OutboundMessage, split_bot_key
 
 log = logging.getLogger("hermes_green.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # A message whose turn was started this many times without finishing (the process died each
 # time) is answered with an apology instead of being retried forever.
 MAX_TURN_ATTEMPTS = 3
@@ -50,7 +50,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS inbound (
     bot TEXT NOT NULL, message_id TEXT NOT NULL, chat_id TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('received', 'processing', 'answered', 'failed')),
+    state TEXT NOT NULL CHECK (state IN ('received', 'processing', 'answered', 'failed',
+                                         'refused')),
     attempts INTEGER NOT NULL DEFAULT 0, payload TEXT NOT NULL,
     received_at REAL NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (bot, message_id));
@@ -71,6 +72,12 @@ CREATE INDEX IF NOT EXISTS history_chat ON history (bot, chat_id, id);
 CREATE TABLE IF NOT EXISTS adapter_state (
     bot TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (bot, key));
+CREATE TABLE IF NOT EXISTS pairing (
+    bot TEXT NOT NULL, user_id TEXT NOT NULL, chat_id TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'approved')),
+    code TEXT, created_at REAL NOT NULL, expires_at REAL, approved_at REAL,
+    PRIMARY KEY (bot, user_id));
+CREATE UNIQUE INDEX IF NOT EXISTS pairing_code ON pairing (code) WHERE code IS NOT NULL;
 """
 
 # v1 -> v2: rows were keyed by platform, which is exactly the bot key of a platform's single
@@ -80,6 +87,28 @@ ALTER TABLE inbound RENAME COLUMN platform TO bot;
 ALTER TABLE outbox RENAME COLUMN platform TO bot;
 ALTER TABLE history RENAME COLUMN platform TO bot;
 """
+
+# v2 -> v3: the inbound journal takes the state 'refused' (rate limited, skipped by the queue
+# cap, waiting for pairing: journaled so a redelivery is recognized, never answered later).
+# SQLite cannot change a CHECK constraint in place, so the table is rebuilt (its index is
+# created again by _SCHEMA); the pairing table is new and comes from _SCHEMA.
+_MIGRATE_V2 = """
+CREATE TABLE inbound_v3 (
+    bot TEXT NOT NULL, message_id TEXT NOT NULL, chat_id TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('received', 'processing', 'answered', 'failed',
+                                         'refused')),
+    attempts INTEGER NOT NULL DEFAULT 0, payload TEXT NOT NULL,
+    received_at REAL NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (bot, message_id));
+INSERT INTO inbound_v3 (bot, message_id, chat_id, state, attempts, payload, received_at,
+    updated_at) SELECT bot, message_id, chat_id, state, attempts, payload, received_at,
+    updated_at FROM inbound ORDER BY rowid;
+DROP TABLE inbound;
+ALTER TABLE inbound_v3 RENAME TO inbound;
+"""
+
+PAIRING_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: read aloud, typed
+PAIRING_CODE_LENGTH = 8
 
 
 class StoreError(Exception):
@@ -157,8 +186,11 @@ class Store:
             if version == 1:
                 for statement in filter(str.strip, _MIGRATE_V1.split(";")):
                     db.execute(statement)
-                log.info("store migrated path=%s from_schema=1 to_schema=%d", self.path,
-                         SCHEMA_VERSION)
+            if version in (1, 2):
+                for statement in filter(str.strip, _MIGRATE_V2.split(";")):
+                    db.execute(statement)
+                log.info("store migrated path=%s from_schema=%d to_schema=%d", self.path,
+                         version, SCHEMA_VERSION)
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -188,10 +220,13 @@ class Store:
                 return f"{p.name} is read-only"
         return str(e)
 
-    def close(self) -> None:
+    def close(self, *, checkpoint: bool = True) -> None:
+        """`checkpoint=False`: a short-lived second user of the file (the CLI beside a running
+        gateway) leaves the WAL to the gateway's own checkpoints."""
         if self._db is not None:
             try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                if checkpoint:
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 pass  # busy or already closing: the next open replays the WAL
             self._db.close()
@@ -243,13 +278,16 @@ class Store:
         return self._db
 
     # -- inbound journal ---------------------------------------------------------------------
-    def journal_inbound(self, msg: InboundMessage) -> bool:
-        """Record a message; False when (bot, message_id) was seen before (redelivery)."""
+    def journal_inbound(self, msg: InboundMessage, *, state: str = "received") -> bool:
+        """Record a message; False when (bot, message_id) was seen before (redelivery).
+        `state='refused'`: kept only so a redelivery is recognized; never answered."""
+        if state not in ("received", "refused"):  # OR IGNORE would read a CHECK failure as a dup
+            raise ValueError(f"a message is journaled as received or refused, not {state!r}")
         now = self._clock()
         cur = self.db.execute(
             "INSERT OR IGNORE INTO inbound (bot, message_id, chat_id, state, payload,"
-            " received_at, updated_at) VALUES (?, ?, ?, 'received', ?, ?, ?)",
-            (msg.bot_key, msg.message_id, msg.chat_id, msg.to_json(), now, now))
+            " received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (msg.bot_key, msg.message_id, msg.chat_id, state, msg.to_json(), now, now))
         return cur.rowcount == 1
 
     def mark_processing(self, bot: str, message_ids: Iterable[str]) -> None:
@@ -378,6 +416,11 @@ class Store:
             " ORDER BY id DESC LIMIT ?", (bot, chat_id, limit)).fetchall()
         return [{"role": r, "content": c} for r, c in reversed(rows)]
 
+    def clear_history(self, bot: str, chat_id: str) -> int:
+        """`/new`: the chat's next turn starts without history. Returns rows deleted."""
+        return self.db.execute("DELETE FROM history WHERE bot=? AND chat_id=?",
+                               (bot, chat_id)).rowcount
+
     def _history_add(self, bot: str, chat_id: str, role: str, content: str,
                      now: float) -> None:
         self.db.execute("INSERT INTO history (bot, chat_id, role, content, at)"
@@ -387,6 +430,77 @@ class Store:
             "DELETE FROM history WHERE bot=?1 AND chat_id=?2 AND id < (SELECT id FROM"
             " history WHERE bot=?1 AND chat_id=?2 ORDER BY id DESC LIMIT 1 OFFSET ?3)",
             (bot, chat_id, self.history_limit - 1))
+
+    # -- pairing (dm_policy: pairing) --------------------------------------------------------
+    # A user is 'pending' (a code was issued, valid until expires_at) or 'approved'. The CLI
+    # (`hermes-green pairing`) changes rows while the gateway runs; the gateway reads them for
+    # every message of a user it does not know otherwise, so a change applies at once.
+    def pairing_request(self, bot: str, user_id: str, chat_id: str, *, ttl_s: float,
+                        make_code) -> str | None:
+        """A fresh code for an unknown user, or None while an earlier code is still valid (the
+        first DM gets the code; the next ones are not answered until it expires) or the user
+        is approved. `make_code()` returns a candidate; a collision draws again."""
+        now = self._clock()
+        with self._tx():
+            row = self.db.execute("SELECT state, expires_at FROM pairing WHERE bot=? AND"
+                                  " user_id=?", (bot, user_id)).fetchone()
+            if row is not None and (row[0] == "approved" or (row[1] or 0) > now):
+                return None
+            self.db.execute("DELETE FROM pairing WHERE bot=? AND user_id=?", (bot, user_id))
+            for _ in range(8):
+                code = make_code()
+                try:
+                    self.db.execute(
+                        "INSERT INTO pairing (bot, user_id, chat_id, state, code, created_at,"
+                        " expires_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+                        (bot, user_id, chat_id, code, now, now + ttl_s))
+                except sqlite3.IntegrityError:  # the code is taken: draw another
+                    continue
+                return code
+        raise StoreError("could not draw an unused pairing code")
+
+    def is_paired(self, bot: str, user_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM pairing WHERE bot=? AND user_id=? AND"
+                               " state='approved'", (bot, user_id)).fetchone() is not None
+
+    def pairing_approve(self, code: str) -> tuple[str, str | None, str | None]:
+        """('approved', bot, user) | ('expired', bot, user) | ('unknown', None, None). A code
+        works once: approving clears it."""
+        now = self._clock()
+        with self._tx():
+            row = self.db.execute("SELECT bot, user_id, expires_at FROM pairing WHERE code=?"
+                                  " AND state='pending'", (code,)).fetchone()
+            if row is None:
+                return "unknown", None, None
+            bot, user_id, expires_at = row
+            if (expires_at or 0) <= now:
+                return "expired", bot, user_id
+            self.db.execute("UPDATE pairing SET state='approved', code=NULL, expires_at=NULL,"
+                            " approved_at=? WHERE bot=? AND user_id=?", (now, bot, user_id))
+        return "approved", bot, user_id
+
+    def pairing_revoke(self, user_id: str, bot: str | None = None) -> int:
+        """Forget a user (approved or pending) on one bot or all; returns rows removed."""
+        if bot is None:
+            return self.db.execute("DELETE FROM pairing WHERE user_id=?", (user_id,)).rowcount
+        return self.db.execute("DELETE FROM pairing WHERE bot=? AND user_id=?",
+                               (bot, user_id)).rowcount
+
+    def pairing_list(self) -> list[dict]:
+        rows = self.db.execute("SELECT bot, user_id, chat_id, state, code, created_at,"
+                               " expires_at, approved_at FROM pairing ORDER BY bot, state,"
+                               " created_at").fetchall()
+        keys = ("bot", "user_id", "chat_id", "state", "code", "created_at", "expires_at",
+                "approved_at")
+        return [dict(zip(keys, r)) for r in rows]
+
+    # -- small named values (the last reload's outcome, read by `hermes-green reload`) -------
+    def meta_get(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def meta_put(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     # -- plumbing ----------------------------------------------------------------------------
     class _Tx:

@@ -124,14 +124,19 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
     return value
 
 
-def start_inprocess_gateway(tmp_path, fake, agent, *, busy_mode="queue", extra_factories=None):
+def start_inprocess_gateway(tmp_path, fake, agent, *, busy_mode="queue", extra_factories=None,
+                            busy=None, testchat=None, config=None):
+    """`busy`: the gateway.busy section; `testchat`: extra keys of the test bot's section
+    (admins, rate_limit, dm_policy...); `config`: more top-level config sections."""
     from hermes_green.config import Config
     from hermes_green.gateway import Gateway
     from tests.fakes.testchat_adapter import TestChatAdapter, testchat_config
 
-    config = Config.model_validate(base_config(tmp_path / "data", busy_mode=busy_mode))
+    data = base_config(tmp_path / "data", busy_mode=busy_mode, **({"busy": busy} if busy else {}))
+    data.update(config or {})
+    config = Config.model_validate(data)
     factories = {"testchat": lambda cfg, on_message, **kw: TestChatAdapter(
-        testchat_config(fake.ws_url), on_message, **kw)}
+        testchat_config(fake.ws_url, **(testchat or {})), on_message, **kw)}
     factories.update(extra_factories or {})
     gw = Gateway(config, agent=agent, adapter_factories=factories).start()
     wait_until(lambda: "testchat" in gw.adapters and gw.adapters["testchat"].ready.is_set(),

@@ -49,7 +49,7 @@ def test_wrong_type_names_path_and_expectation():
 
 def test_bad_choice_lists_the_choices():
     assert error_of("gateway: {busy_mode: panic}\n") == \
-        "gateway.busy_mode: input should be 'queue', 'interrupt' or 'merge'"
+        "gateway.busy_mode: input should be 'queue', 'interrupt', 'merge' or 'steer'"
 
 
 def test_yaml_syntax_error_gives_line_and_column():

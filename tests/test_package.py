@@ -73,7 +73,7 @@ def test_the_installed_command_patches_first_checks_a_config_and_fails_in_one_li
     result = run_installed(installed, tmp_path, "check", "--config", "c.yaml")
     assert result.returncode == 2  # a user error: one line, no traceback
     assert result.stderr.strip().splitlines() == [
-        "hermes-green: gateway.busy_mode: input should be 'queue', 'interrupt' or 'merge'"]
+        "hermes-green: gateway.busy_mode: input should be 'queue', 'interrupt', 'merge' or 'steer'"]
 
 
 def test_the_installed_demo_runs_from_another_directory(installed, tmp_path):

@@ -19,6 +19,10 @@ class Turn:
     text: str  # the new user message, attachment placeholders included
     history: list[Message] = field(default_factory=list)  # oldest first, already bounded
     on_progress: Callable[[str], None] = lambda text_so_far: None
+    # Busy mode `steer`: what the user wrote since the turn began (or last asked), one text per
+    # message. An agent with rounds (the LLM loop) asks after each tool round and gives them to
+    # its next model call; an agent that never asks leaves them for the next turn.
+    take_follow_ups: Callable[[], list[str]] = lambda: []
 
 
 class TurnFailed(Exception):

@@ -8,8 +8,10 @@ without tools (`tool_choice: "none"`).
 
 The answer is the text of every round joined, i.e. exactly what the progress callback showed.
 The gateway saves the user's text and this answer into history (through the store) and delivers
-it; tool messages stay inside the turn. An LLM failure after retries becomes a short error reply:
-the user never meets silence. A turn killed by the gateway (GreenletExit) kills its tool
+it; tool messages stay inside the turn. Busy mode `steer`: after each tool round the loop asks
+the turn for the user's follow-ups (`Turn.take_follow_ups`) and appends them as a user message,
+so the next model call reads them in the same turn. An LLM failure after retries becomes a
+short error reply: the user never meets silence. A turn killed by the gateway (GreenletExit) kills its tool
 greenlets, which kill their process workers; the LLM response is closed by llm.py.
 """
 from __future__ import annotations
@@ -144,6 +146,11 @@ class LLMAgent:
             for call, result in zip(completion.tool_calls, results):
                 messages.append({"role": "tool", "tool_call_id": call.id,
                                  "content": result.content})
+            follow_ups = _follow_ups(turn)
+            if follow_ups:  # steer: the user wrote while the tools ran; the model reads it now
+                log.info("follow-up taken platform=%s chat=%s round=%d messages=%d", platform,
+                         chat, rounds, len(follow_ups))
+                messages.append({"role": "user", "content": "\n".join(follow_ups)})
         answer = progress.text or EMPTY_REPLY
         log.info("turn done platform=%s chat=%s rounds=%d tool_calls=%d ms=%.0f chars=%d",
                  platform, chat, rounds, calls, (time.monotonic() - started) * 1000, len(answer))
@@ -172,6 +179,14 @@ class LLMAgent:
                 results.append(ToolResult(f"Error: {call.name} failed unexpectedly "
                                           f"({type(g.exception).__name__}).", ok=False))
         return results
+
+
+def _follow_ups(turn: Turn) -> list[str]:
+    try:
+        return [t for t in turn.take_follow_ups() if t]
+    except Exception:  # noqa: BLE001  (a failing gateway callback never ends the turn)
+        log.exception("take_follow_ups failed")
+        return []
 
 
 def _assistant_message(completion: Completion) -> dict:

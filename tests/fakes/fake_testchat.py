@@ -7,7 +7,8 @@ as the real platform fakes, with the two rules that matter for delivery guarante
   "answered exactly once" from the record; with `accept_replies = False` it reads replies
   (kept in `unaccepted`) but never accepts them, like a platform that stopped answering.
 
-Frames: server -> {"type": "message", "id", "chat", "user", "text"} | {"type": "pong"} |
+Frames: server -> {"type": "message", "id", "chat", "user", "text", ["chat_type", "mentioned"]} |
+{"type": "pong"} |
 {"type": "accepted", "outbox"}; client -> {"type": "ack", "id"} | {"type": "ping"} |
 {"type": "reply", "outbox", "reply_to", "seq", "chat", "text"}.
 """
@@ -51,9 +52,15 @@ class FakeTestChat(FakePlatformServer):
             conn.send({"type": "accepted", "outbox": data["outbox"]})
 
     def send_user_message(self, text: str, *, chat: str = "c1", user: str = "u1",
-                          message_id: str | None = None) -> str:
+                          message_id: str | None = None, group: bool = False,
+                          mentioned: bool | None = None) -> str:
+        """`group`: a group chat; `mentioned`: whether it addresses the bot (None: unsaid)."""
         mid = message_id or f"m{next(self._ids)}"
         frame = {"type": "message", "id": mid, "chat": chat, "user": user, "text": text}
+        if group:
+            frame["chat_type"] = "group"
+        if mentioned is not None:
+            frame["mentioned"] = mentioned
         self.messages[mid] = frame
         for conn in self.live_conns():
             conn.send(frame)

@@ -130,3 +130,24 @@ def offloads() -> dict:
 def thread_raises(message: str) -> str:
     """Raise inside a pool thread."""
     raise ValueError(message)
+
+
+_GATE: dict = {}
+
+
+def gate() -> dict:
+    """The events of `wait_at_gate` (for tests in the gateway's own process): `entered` is set
+    when the tool runs, `release` lets it return. `_GATE.clear()` makes fresh ones."""
+    import gevent.event
+    if not _GATE:
+        _GATE.update(entered=gevent.event.Event(), release=gevent.event.Event())
+    return _GATE
+
+
+@tool(executor="inline", timeout_s=30)
+def wait_at_gate() -> str:
+    """Wait until the test opens the gate (a tool round that lasts as long as a test needs)."""
+    events = gate()
+    events["entered"].set()
+    events["release"].wait(20)
+    return "gate passed"

@@ -45,7 +45,9 @@ class TestChatAdapter(WebSocketAdapter):
         elif kind == "message":
             self.deliver(InboundMessage(platform=self.name, message_id=frame["id"],
                                         chat_id=frame["chat"], user_id=frame["user"],
-                                        text=frame["text"], reply_ref={"id": frame["id"]}))
+                                        text=frame["text"], reply_ref={"id": frame["id"]},
+                                        chat_type=frame.get("chat_type", "dm"),
+                                        mentioned=frame.get("mentioned")))
             self.send_frame(json.dumps({"type": "ack", "id": frame["id"]}))
 
     def on_disconnect(self, lost) -> None:
