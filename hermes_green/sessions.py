@@ -199,7 +199,7 @@ class ChatSession:
         self._began = False
         self._killed_by = None
         self.turn_started_at = time.monotonic()
-        self.turn = gevent.spawn(self._turn, batch)
+        self.turn = self.manager.group.spawn(self._turn, batch)  # owned: killed with the rest
         self.turn.name = f"turn:{self.key[0]}:{self.key[1]}"
         self.turn.join()
         if not self._began:  # killed before it ran: still owed its ending
