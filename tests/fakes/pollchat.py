@@ -9,7 +9,8 @@ Rules, as a strict long-poll server keeps them (Telegram's getUpdates is the mod
 - `POST /send {chat, reply_to, text}`: text over `max_text_chars` is refused with 400.
 Faults: cut() ends the poll in flight (or the next) with 502; go_silent(s) parks polls unanswered
 (the one in flight too) until s has passed, then answers them 502; send_garbage() answers the
-poll in flight with a non-JSON body and queues a malformed update.
+poll in flight with a non-JSON body, the next with JSON of the wrong shape, and queues a
+malformed update.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ class FakePollChat(FakePlatformServer):
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(1)
         self._news = gevent.event.Event()  # an update came or a fault wants the poll in flight
-        self._cuts = self._garbage = 0
+        self._cuts = 0
+        self._garbage: list[Any] = []  # bodies the next polls get instead of updates
         self._parked_until = 0.0
         self._released = gevent.event.Event()
         self._released.set()
@@ -93,7 +95,7 @@ class FakePollChat(FakePlatformServer):
         self._release = gevent.spawn_later(seconds, self._released.set)
 
     def send_garbage(self) -> None:
-        self._garbage += 1
+        self._garbage += [b"<html>502 Bad Gateway</html>", {"result": "not the updates"}]
         self._queue("}{ not a message")
 
     # -- HTTP ----------------------------------------------------------------------------------
@@ -135,8 +137,7 @@ class FakePollChat(FakePlatformServer):
                 self._cuts -= 1
                 return 502, {"error": "bad gateway"}
             if self._garbage:
-                self._garbage -= 1
-                return 200, b"<html>502 Bad Gateway</html>"
+                return 200, self._garbage.pop(0)
             remaining = deadline - time.monotonic()
             if self.updates or remaining <= 0 or self._stopping:
                 return 200, {"updates": list(self.updates)}
