@@ -70,13 +70,13 @@ LONG = re.compile(r"^long (\d{1,6})$")
 def long_answer(chars: int) -> str:
     """At least `chars` characters of numbered words, a line break every 16 words: a split
     that drops, repeats or reorders anything shows in the words."""
-    words, size, n = [], 0, 0
+    out, size, n = [], 0, 0
     while size < chars:
         n += 1
         word = f"w{n:05d}" + ("\n" if n % 16 == 0 else " ")
-        words.append(word)
+        out.append(word)
         size += len(word)
-    return "".join(words).strip()
+    return "".join(out).strip()
 
 
 class ContractAgent:
@@ -307,7 +307,10 @@ def zombie_recovered(run: Run) -> None:
                  timeout=ZOMBIE_SILENCE_S - 10)
     finally:
         d.end_silence()
-    run.wait(lambda: adapter.ready.is_set() and d.connected(), "ready again after the silence")
+    # Where the fake's silence also swallowed the next connection's handshake, the adapter gets
+    # out only by its own session deadline (20 s by default): wait for that too.
+    run.wait(lambda: adapter.ready.is_set() and d.connected(), "ready again after the silence",
+             timeout=WAIT_S + 30)
     after = d.user_says("after the silence")
     assert run.answered(after) == ["echo: after the silence"]
     assert d.answers(before) == ["echo: before the silence"]

@@ -93,6 +93,7 @@ class FakePollChat(FakePlatformServer):
         self._released.clear()
         self._news.set()
         self._release = gevent.spawn_later(seconds, self._released.set)
+        self._release.name = "fake-pollchat:silence"
 
     def send_garbage(self) -> None:
         self._garbage += [b"<html>502 Bad Gateway</html>", {"result": "not the updates"}]
