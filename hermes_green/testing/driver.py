@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 # Disconnect reasons that are not failures: the test/bench ended the connection itself.
 BENIGN_DISCONNECTS = frozenset({"server_stopping", "kicked_by_test"})
@@ -39,9 +39,12 @@ class ReplyRow:
 
 class PlatformDriver:
     platform: ClassVar[str]
-    # How the platform treats an event we did not acknowledge (the contract kit's journal-failure
-    # scenario needs the fake to behave like the real server): nothing to set for the fake.
     max_reply_chars: ClassVar[int] = 2000
+    # The fake sends an event the adapter did not acknowledge again, as the real platform does
+    # (the contract's journal-failure scenario relies on it for JournalFailure.REDELIVER). A
+    # fake that cannot model this says False here, and the contract then calls `redeliver()`
+    # itself once the failure was seen (a stand-in for the platform, named in its report).
+    resends_unacked: ClassVar[bool] = True
 
     def __init__(self, keepalive: Keepalive | None = None, *, secret: str | None = None) -> None:
         self.keepalive = keepalive or Keepalive()
@@ -64,6 +67,13 @@ class PlatformDriver:
     def bad_credentials_config(self, **extra: Any) -> dict:
         """A section the fake refuses for good (wrong secret or token)."""
         raise NotImplementedError
+
+    def adapter_factory(self, section: dict) -> Callable[..., Any]:
+        """Only for an adapter outside the registry (a test's own platform): the gateway
+        factory `factory(cfg, on_message, **kw)` that builds it from `section` (a bot_config()
+        dict, plus `id`, `backoff`, `allow_from` as the gateway's sections take them).
+        Registered platforms are built by the gateway from their config model."""
+        raise NotImplementedError(f"{self.platform} is registered: the gateway builds it")
 
     # -- users -------------------------------------------------------------------------------
     def user_says(self, text: str, *, chat: int = 0, user: int | None = None,
@@ -89,8 +99,16 @@ class PlatformDriver:
         self.fake.drop()
 
     def go_silent(self, seconds: float) -> None:
-        """The server stops answering anything (a zombie connection)."""
+        """The server stops answering anything (a zombie connection). Better for the contract's
+        zombie scenario: only the live connection dies (a dead network path: nothing arrives on
+        it, the server drops nobody for it) and a new one works, as `FakePlatformServer.go_silent(
+        s, whole_server=False)` does; with a whole-server silence the adapter's next connection
+        hangs until its own session deadline after `end_silence()`."""
         self.fake.go_silent(seconds)
+
+    def end_silence(self) -> None:
+        """End a `go_silent()` at once."""
+        self.go_silent(0.0)
 
     def send_garbage(self) -> None:
         """Push malformed input at the client (bad JSON, invalid frames)."""

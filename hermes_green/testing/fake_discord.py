@@ -985,6 +985,9 @@ class Driver(PlatformDriver):
         """The live connections go silent for good (new ones work): the client must notice."""
         self.fake.go_zombie()
 
+    def end_silence(self) -> None:
+        """Nothing to end: only the connections that were live went silent, and they are gone."""
+
     def lateness(self) -> list[float]:
         return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)
                 for x in self.fake.keepalive_lateness(conn_id)]

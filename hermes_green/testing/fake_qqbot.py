@@ -543,6 +543,10 @@ class Driver(PlatformDriver):
                 "id": message_id, "content": m.text, "timestamp": _iso(),
                 "author": {"user_openid": m.openid, "id": m.openid}})
 
+    def go_silent(self, seconds: float) -> None:
+        """The live connection turns zombie (its network path died); a new one works."""
+        self.fake.go_silent(seconds, whole_server=False)
+
     def reply_rows(self) -> list[ReplyRow]:
         return [ReplyRow(r.msg_id, r.content, r.at) for r in self.fake.replies]
 

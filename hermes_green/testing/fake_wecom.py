@@ -382,6 +382,10 @@ class Driver(PlatformDriver):
                                     chatid=cb.conv if cb.chattype == "group" else None,
                                     msgid=message_id)
 
+    def go_silent(self, seconds: float) -> None:
+        """The live connection turns zombie (its network path died); a new one works."""
+        self.fake.go_silent(seconds, whole_server=False)
+
     def reply_rows(self) -> list[ReplyRow]:
         return [ReplyRow(r.msgid, r.content, r.at) for r in self.fake.replies]
 

@@ -10,7 +10,11 @@ as a strict real server would drop it.
 Faults (all take effect at once, on every live connection unless one is named):
     drop()                     close the TCP connection without a close frame
     close_with(code, reason)   send a close frame with that code, then close
-    go_silent(seconds)         stop answering anything (zombie): no acks, no pongs, no events
+    go_silent(seconds)         stop answering anything (a hung server): no acks, no pongs, no
+                               events, on every connection, new ones too
+    go_silent(s, whole_server=False)  only the live connections turn zombie (a dead network
+                               path): nothing arrives on them either way, nobody is dropped for
+                               them, and a new connection works
     send_garbage(data)         send raw text/bytes as a frame
     rest_delay_s               every REST reply waits this long first
     rest_429(n, retry_after)   the next n REST calls get 429 with Retry-After
@@ -62,6 +66,13 @@ class Conn:
         self._last_keepalive = time.monotonic()
         self._watch: gevent.Greenlet | None = None
         self.close_reason: str | None = None
+        self.silent_until = 0.0  # a zombie until then (go_silent(..., whole_server=False))
+
+    @property
+    def silent(self) -> bool:
+        """Nothing arrives on this connection either way (the server hangs, or its path died)."""
+        now = time.monotonic()
+        return self.silent_until > now or self.server.silent_until > now
 
     # keepalive rule ---------------------------------------------------------------------
     def expect_keepalive(self, deadline_s: float, close_code: int | None = None) -> None:
@@ -78,7 +89,10 @@ class Conn:
 
     def _watch_keepalive(self) -> None:
         while not self.closed.is_set():
-            remaining = self._last_keepalive + self._deadline_s - time.monotonic()
+            # A zombie's keepalives never arrive; the deadline counts from the end of it (the
+            # server cannot tell the client anyway: nothing reaches it).
+            last = max(self._last_keepalive, self.silent_until)
+            remaining = last + self._deadline_s - time.monotonic()
             if remaining <= 0:
                 self.server.log_event("keepalive_deadline", self)
                 self.close(self._deadline_code, "keepalive deadline missed",
@@ -89,7 +103,7 @@ class Conn:
     # sending ----------------------------------------------------------------------------
     def send(self, data: Any) -> bool:
         """Send a dict (as JSON text), str or bytes. Returns False if the socket is gone."""
-        if self.closed.is_set() or self.server.silent_until > time.monotonic():
+        if self.closed.is_set() or self.silent:
             return False
         raw = json.dumps(data, ensure_ascii=False) if isinstance(data, dict) else data
         try:
@@ -247,8 +261,14 @@ class FakePlatformServer:
         for conn in self.live_conns():
             conn.close(code, message, reason=f"fault_close_{code}")
 
-    def go_silent(self, seconds: float) -> None:
-        self.silent_until = time.monotonic() + seconds
+    def go_silent(self, seconds: float, *, whole_server: bool = True) -> None:
+        until = time.monotonic() + seconds
+        if whole_server:
+            self.silent_until = until
+            return
+        for conn in self.live_conns():
+            conn.silent_until = until
+        self.log_event("go_silent")
 
     def send_garbage(self, data: str | bytes) -> None:
         for conn in self.live_conns():
@@ -335,7 +355,7 @@ class FakePlatformServer:
                     raw = None
                 if raw is None:
                     break
-                if self.silent_until > time.monotonic():
+                if conn.silent:
                     continue  # a zombie server reads and ignores
                 try:
                     data = self.decode(raw)

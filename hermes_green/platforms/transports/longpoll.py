@@ -80,6 +80,18 @@ class LongPollAdapter(PlatformAdapter):
                 self.set_state(State.STOPPED if self.stopping else State.CONNECTING)
 
     def _poll_loop(self, lost: gevent.event.AsyncResult) -> None:
+        """Poll until the connection ends. A hook that fails unexpectedly (a poll() answer of a
+        shape it did not expect, a commit() that raises) ends the connection with a log line:
+        the bot reconnects, never sits READY with nobody polling."""
+        try:
+            self._poll_until_lost(lost)
+        except Exception as e:
+            self.log.error("polling failed platform=%s bot=%s error=%s: %s", self.name,
+                           self.bot_id, type(e).__name__, str(e)[:200], exc_info=True)
+            if not lost.ready():
+                lost.set(ConnectionLost("poll_failed", type(e).__name__))
+
+    def _poll_until_lost(self, lost: gevent.event.AsyncResult) -> None:
         previous_end: float | None = None
         limit = self.poll_timeout_s + self.poll_grace_s
         while not lost.ready():
