@@ -17,6 +17,7 @@ import pytest
 import websocket
 from pydantic import SecretStr
 
+from hermes_green.testing.journal import Journal, run_until_stopped
 from hermes_green.config import BackoffConfig
 from hermes_green.models import OutboundMessage
 from hermes_green.platforms.base import Delivery, FatalPlatformError, SendError, State
@@ -39,43 +40,8 @@ def report_reconnect_times():
         print(f"\nreconnect fault={name} seconds={seconds:.3f}", end="")
 
 
-class Journal:
-    """Stands in for the gateway: journals each message id once (like Store.journal_inbound),
-    records when, and can fail the first `fail_first` calls (a store outage)."""
-
-    def __init__(self, fail_first: int = 0, delay_s: float = 0.0) -> None:
-        self.delay_s = delay_s  # a slow store: the write takes this long
-        self.messages = []
-        self.seen: set[str] = set()
-        self.at: dict[str, float] = {}
-        self.duplicates = 0
-        self.failures = 0
-        self.fail_first = fail_first
-
-    def __call__(self, msg) -> Delivery:
-        if self.fail_first:
-            self.fail_first -= 1
-            self.failures += 1
-            raise OSError("disk I/O error")
-        if msg.message_id in self.seen:
-            self.duplicates += 1
-            return Delivery.DUPLICATE
-        gevent.sleep(self.delay_s)
-        self.seen.add(msg.message_id)
-        self.at[msg.message_id] = time.monotonic()
-        self.messages.append(msg)
-        return Delivery.NEW
-
-    def by_id(self, msg_id: str):
-        return next((m for m in self.messages if m.message_id == msg_id), None)
 
 
-def _run(adapter):
-    try:
-        adapter.run()
-    except Exception as e:  # noqa: BLE001  (tests inspect it)
-        return e
-    return None
 
 
 @pytest.fixture
@@ -96,7 +62,7 @@ def make():
         adapter = DingTalkAdapter(DingTalkConfig(**cfg), journal, **adapter_kw)
         h = SimpleNamespace(fake=fake, adapter=adapter, journal=journal, greenlet=None)
         if run:
-            h.greenlet = gevent.spawn(_run, adapter)
+            h.greenlet = gevent.spawn(run_until_stopped, adapter)
         started.append(h)
         return h
 
@@ -412,7 +378,7 @@ def test_open_429_and_5xx_are_retried_then_connect(make):
     h = make(run=False)
     h.fake.rest_429(1, retry_after=0.1)
     h.fake.fail_open(2, status=503)
-    h.greenlet = gevent.spawn(_run, h.adapter)
+    h.greenlet = gevent.spawn(run_until_stopped, h.adapter)
     ready(h, timeout=5)
     assert len(h.fake.open_requests) == 3  # the 429 was answered before the route saw it
     assert h.adapter.stats.reconnects["open_failed"] == 3

@@ -17,6 +17,7 @@ import gevent
 import pytest
 from pydantic import SecretStr
 
+from hermes_green.testing.journal import Journal, run_until_stopped
 from hermes_green.models import OutboundMessage
 from hermes_green.platforms.base import FatalPlatformError, MemoryState, SendError, State
 from hermes_green.platforms.botconfig import BackoffConfig
@@ -39,28 +40,6 @@ def report_reconnect_times():
         print(f"\nreconnect fault={name} seconds={seconds:.3f}", end="")
 
 
-class Journal:
-    """Stands in for the gateway: journals each message id once (like Store.journal_inbound)."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.messages = []
-        self.seen: set[str] = set()
-        self.duplicates = 0
-        self.fail_first = fail_first
-
-    def __call__(self, msg) -> bool:
-        if self.fail_first:
-            self.fail_first -= 1
-            raise OSError("disk full")
-        if msg.message_id in self.seen:
-            self.duplicates += 1
-            return False
-        self.seen.add(msg.message_id)
-        self.messages.append(msg)
-        return True
-
-    def by_id(self, msg_id: str):
-        return next((m for m in self.messages if m.message_id == msg_id), None)
 
 
 class FixedRng(random.Random):
@@ -77,12 +56,6 @@ class FixedRng(random.Random):
         return a + (b - a) * self.point
 
 
-def _run(adapter):
-    try:
-        adapter.run()
-    except Exception as e:  # noqa: BLE001  (tests inspect it)
-        return e
-    return None
 
 
 @pytest.fixture
@@ -103,7 +76,7 @@ def make():
                                  saved_state=saved_state, **adapter_kw)
         h = SimpleNamespace(fake=fake, adapter=adapter, journal=journal, greenlet=None)
         if run:
-            h.greenlet = gevent.spawn(_run, adapter)
+            h.greenlet = gevent.spawn(run_until_stopped, adapter)
         started.append(h)
         return h
 

@@ -19,6 +19,7 @@ import requests
 import websocket
 from pydantic import SecretStr
 
+from hermes_green.testing.journal import Journal, run_until_stopped
 from hermes_green.gateway import turn_text
 from hermes_green.config import BackoffConfig
 from hermes_green.platforms.qqbot import QQBotConfig
@@ -41,38 +42,8 @@ def report_reconnect_times():
         print(f"\nreconnect fault={name} seconds={seconds:.3f}", end="")
 
 
-class Journal:
-    """Stands in for the gateway: journals each platform message id once (like
-    Store.journal_inbound) and counts the redeliveries it skipped."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.messages = []
-        self.seen: set[str] = set()
-        self.duplicates = 0
-        self.fail_first = fail_first
-
-    def __call__(self, msg) -> bool:
-        if self.fail_first:
-            self.fail_first -= 1
-            raise OSError("disk full")
-        if msg.message_id in self.seen:
-            self.duplicates += 1
-            return False
-        self.seen.add(msg.message_id)
-        self.messages.append(msg)
-        return True
-
-    def by_id(self, msg_id: str):
-        return next((m for m in self.messages if m.message_id == msg_id), None)
 
 
-def _run(adapter: QQBotAdapter):
-    """adapter.run(); returns the exception it ended with (the greenlet's value)."""
-    try:
-        adapter.run()
-    except Exception as e:  # noqa: BLE001  (tests inspect it)
-        return e
-    return None
 
 
 @pytest.fixture
@@ -93,7 +64,7 @@ def make():
                                handshake_timeout_s=handshake_timeout_s, **adapter_kw)
         h = SimpleNamespace(fake=fake, adapter=adapter, journal=journal, greenlet=None)
         if run:
-            h.greenlet = gevent.spawn(_run, adapter)
+            h.greenlet = gevent.spawn(run_until_stopped, adapter)
         started.append(h)
         return h
 
@@ -201,7 +172,7 @@ def test_bad_app_id_is_fatal(make):
 def test_token_endpoint_429_and_5xx_are_retried(make):
     h = make(run=False)
     h.fake.rest_429(2, retry_after=0.01)
-    h.greenlet = gevent.spawn(_run, h.adapter)
+    h.greenlet = gevent.spawn(run_until_stopped, h.adapter)
     ready(h)
     assert h.adapter.stats.reconnects["token_failed"] == 2
 
@@ -549,7 +520,7 @@ def test_slow_rest_does_not_delay_heartbeats(make):
 def test_slow_rest_on_connect_still_connects(make):
     h = make(run=False)
     h.fake.rest_delay_s = 0.3
-    h.greenlet = gevent.spawn(_run, h.adapter)
+    h.greenlet = gevent.spawn(run_until_stopped, h.adapter)
     ready(h)
     assert h.fake.disconnects == []
 
@@ -668,7 +639,7 @@ def test_identify_with_expired_token_is_closed_4004_and_recovers(make):
             h.fake.expire_tokens()
         return answer
     h.fake._gateway = gateway_then_expire
-    h.greenlet = gevent.spawn(_run, h.adapter)
+    h.greenlet = gevent.spawn(run_until_stopped, h.adapter)
     ready(h)
     assert [e for _, e, _ in h.fake.events if e == "identify_bad_token"] == ["identify_bad_token"]
     assert h.adapter.stats.reconnects["close_4004"] == 1
@@ -704,7 +675,7 @@ def test_intents_without_permission_are_fatal(make):
 def test_server_that_never_says_hello_is_left(make):
     h = make(run=False, handshake_timeout_s=0.3, fake_kw={"heartbeat_deadline_s": 30.0})
     h.fake.go_silent(0.5)
-    h.greenlet = gevent.spawn(_run, h.adapter)
+    h.greenlet = gevent.spawn(run_until_stopped, h.adapter)
     ready(h, timeout=3)
     assert h.adapter.stats.reconnects["session_timeout"] >= 1
 
@@ -781,7 +752,7 @@ def test_check_performs_the_auth_step(make):
 def test_stop_while_connecting_returns_promptly(make):
     h = make(run=False)
     h.fake.rest_delay_s = 0.5
-    h.greenlet = gevent.spawn(_run, h.adapter)
+    h.greenlet = gevent.spawn(run_until_stopped, h.adapter)
     h.fake.wait_for(lambda: h.fake.rest_calls, 2)
     h.adapter.stop()
     h.greenlet.join(timeout=3)
@@ -822,7 +793,7 @@ def _restarted(h, journal=None) -> SimpleNamespace:
     adapter = QQBotAdapter(h.adapter.config, journal or h.journal, handshake_timeout_s=1.0)
     adapter.saved_state = h.adapter.saved_state
     return SimpleNamespace(fake=h.fake, adapter=adapter, journal=journal or h.journal,
-                           greenlet=gevent.spawn(_run, adapter))
+                           greenlet=gevent.spawn(run_until_stopped, adapter))
 
 
 def _stop(h) -> None:
@@ -883,7 +854,7 @@ def test_the_seq_is_saved_only_once_the_journal_took_the_message(make):
 
     h.journal = Recording(fail_first=1)  # the first try fails: that event must not be saved
     h.adapter = QQBotAdapter(h.adapter.config, h.journal, handshake_timeout_s=1.0)
-    h.greenlet = gevent.spawn(_run, h.adapter)
+    h.greenlet = gevent.spawn(run_until_stopped, h.adapter)
     ready(h)
     ids = [h.fake.send_user_message(f"m{i}") for i in range(3)]
     h.fake.wait_for(lambda: set(ids) <= h.journal.seen)
@@ -900,7 +871,7 @@ def test_the_seq_is_saved_only_once_the_journal_took_the_message(make):
 def test_an_unreadable_saved_session_means_a_fresh_identify(make):
     h = make(run=False)
     h.adapter.saved_state.put("session", "{not json")
-    h.greenlet = gevent.spawn(_run, h.adapter)
+    h.greenlet = gevent.spawn(run_until_stopped, h.adapter)
     ready(h)
     assert next(op for op in h.fake.client_ops(current_conn(h)) if op != 1) == 2
 

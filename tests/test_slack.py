@@ -18,6 +18,7 @@ import requests
 import websocket
 from pydantic import SecretStr
 
+from hermes_green.testing.journal import Journal, run_until_stopped
 from hermes_green.config import BackoffConfig, Config, ConfigError, parse_config
 from hermes_green.gateway import Gateway
 from hermes_green.models import OutboundMessage
@@ -39,44 +40,8 @@ def report_reconnect_times():
         print(f"\nreconnect fault={name} seconds={seconds:.3f}", end="")
 
 
-class Journal:
-    """Stands in for the gateway: journals each platform message id once (like
-    Store.journal_inbound), counts the redeliveries it recognized, and can fail or stall."""
-
-    def __init__(self, fail_first: int = 0, stall_first_s: float = 0.0) -> None:
-        self.messages = []
-        self.seen: set[str] = set()
-        self.duplicates = 0
-        self.fail_first = fail_first
-        self.stall_first_s = stall_first_s
-        self.hook = None  # called with each message before it is journaled
-
-    def __call__(self, msg) -> bool:
-        if self.hook is not None:
-            self.hook(msg)
-        if self.fail_first:
-            self.fail_first -= 1
-            raise OSError("disk full")
-        if self.stall_first_s:
-            stall, self.stall_first_s = self.stall_first_s, 0.0
-            gevent.sleep(stall)  # a slow store: the ack comes after Slack's window
-        if msg.message_id in self.seen:
-            self.duplicates += 1
-            return False
-        self.seen.add(msg.message_id)
-        self.messages.append(msg)
-        return True
-
-    def by_id(self, msg_id: str):
-        return next((m for m in self.messages if m.message_id == msg_id), None)
 
 
-def _run(adapter: SlackAdapter):
-    try:
-        adapter.run()
-    except Exception as e:  # noqa: BLE001  (tests inspect it)
-        return e
-    return None
 
 
 FAKE_TIMING = dict(ack_timeout_s=0.3, server_ping_interval_s=0.2, pong_deadline_s=0.5)
@@ -101,7 +66,7 @@ def make():
                                hello_timeout_s=hello_timeout_s)
         h = SimpleNamespace(fake=fake, adapter=adapter, journal=journal, greenlet=None)
         if run:
-            h.greenlet = gevent.spawn(_run, adapter)
+            h.greenlet = gevent.spawn(run_until_stopped, adapter)
         started.append(h)
         return h
 
@@ -181,7 +146,7 @@ def test_a_dm_is_acked_only_after_the_journal_took_it_and_answered_in_its_thread
         acked_when_journaled.append(
             [e.acked for e in h.fake.envelopes_for_message(msg.chat_id, msg.reply_ref["ts"])])
     h.journal.hook = hook
-    h.greenlet = gevent.spawn(_run, h.adapter)
+    h.greenlet = gevent.spawn(run_until_stopped, h.adapter)
     ready(h)
     ts = h.fake.send_dm("hello bot", user="U0ALICE")
     msg = delivered(h, "D0ALICE", ts)
@@ -412,7 +377,7 @@ def test_refused_credentials_are_fatal_without_a_reconnect_loop(make, which, err
     h = make(cfg_kw=cfg, run=False)
     if which == "revoked":
         h.fake.revoke_bot_token("account_inactive")
-    h.greenlet = gevent.spawn(_run, h.adapter)
+    h.greenlet = gevent.spawn(run_until_stopped, h.adapter)
     err = h.greenlet.get(timeout=3)
     assert isinstance(err, FatalPlatformError) and error in str(err)
     assert "xoxb-" not in str(err) and "xapp-" not in str(err)
@@ -480,7 +445,7 @@ def test_a_rate_limited_connections_open_waits_retry_after(make):
     h = make(run=False)
     h.fake.rate_limit("apps.connections.open", 1, retry_after=0.4)
     t0 = time.monotonic()
-    h.greenlet = gevent.spawn(_run, h.adapter)
+    h.greenlet = gevent.spawn(run_until_stopped, h.adapter)
     ready(h)
     assert time.monotonic() - t0 >= 0.4 and h.adapter.stats.reconnects["rate_limited"] == 1
 
