@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from hermes_green.testing.journal import Journal, run_until_stopped
 from hermes_green.config import BackoffConfig
 from hermes_green.models import OutboundMessage
-from hermes_green.platforms.base import Delivery, FatalPlatformError, SendError, State
+from hermes_green.platforms.base import FatalPlatformError, SendError, State
 from hermes_green.platforms.dingtalk import (BOT_TOPIC, REPLY_CHUNK_CHARS, DingTalkAdapter,
                                              DingTalkConfig, markdown_title)
 from hermes_green.replies import split_reply
