@@ -20,6 +20,10 @@ name a loopback address (127.0.0.1, localhost, [::1] or the bound host, any port
 evil.example that re-resolves its name to 127.0.0.1 (DNS rebinding) gets a bare 421 on every
 path. Requests without a Host header are not from browsers and are served.
 
+A platform mounted here (the web chat; see webmount.py) is served under these same rules, except
+that a mount with a token of its own takes that token instead of the server's on its paths (so
+chat users never hold the status token).
+
 Abuse (before any token is looked at, connections are what an attacker spends):
 - a connection that sends no request for `IDLE_TIMEOUT_S` (after connecting, or between keep-alive
   requests) is closed; a request must be read and answered within `READ_TIMEOUT_S` of its first
@@ -71,6 +75,7 @@ from prometheus_client.exposition import choose_encoder
 from . import metrics
 from .logs import REDACTOR
 from .runtime import percentile
+from .webmount import MOUNTS, MessageTooLarge, WebMount, mount_path_problem
 
 log = logging.getLogger("hermes_green.status")
 
@@ -326,9 +331,10 @@ def _same_origin(environ) -> bool:
 
 # --- the page's WebSocket --------------------------------------------------------------------
 
-class MessageTooBig(Exception):
-    """A page sent a message over MAX_WS_MESSAGE_BYTES: its socket is closed with 1009.
-    (Not a WebSocketError: gevent-websocket's `receive()` swallows those as socket errors.)"""
+class MessageTooBig(MessageTooLarge):
+    """A page sent a message over its socket's limit (MAX_WS_MESSAGE_BYTES for the status page,
+    the mount's own for a mounted platform): its socket is closed with 1009. (Not a
+    WebSocketError: gevent-websocket's `receive()` swallows those as socket errors.)"""
 
 
 class PageSocket(WebSocket):
@@ -338,12 +344,13 @@ class PageSocket(WebSocket):
     - writes are serialized (the pusher greenlet and the reader's close/pong never interleave);
     - `close(code)` sends that code (the stock one sends an empty close frame)."""
 
-    __slots__ = ("_message_bytes", "_write_lock")
+    __slots__ = ("_message_bytes", "_write_lock", "max_message_bytes")
 
     def __init__(self, environ, stream, handler) -> None:
         super().__init__(environ, stream, handler)
         self._message_bytes = 0
         self._write_lock = gevent.lock.Semaphore()
+        self.max_message_bytes = MAX_WS_MESSAGE_BYTES
 
     def read_frame(self):
         header = Header.decode_header(self.stream)
@@ -353,8 +360,8 @@ class PageSocket(WebSocket):
             self._message_bytes = 0
         if header.opcode in (self.OPCODE_TEXT, self.OPCODE_BINARY, self.OPCODE_CONTINUATION):
             self._message_bytes += header.length
-            if self._message_bytes > MAX_WS_MESSAGE_BYTES:
-                raise MessageTooBig(f"message over {MAX_WS_MESSAGE_BYTES} bytes")
+            if self._message_bytes > self.max_message_bytes:
+                raise MessageTooBig(f"message over {self.max_message_bytes} bytes")
         if not header.length:
             return header, b""
         try:
@@ -560,6 +567,7 @@ class _Handler(WebSocketHandler):
         if stock is not None:
             stock.closed = True  # so its __del__ sends nothing on the stream we take over
             self.websocket = PageSocket(self.environ, Stream(self), self)
+            self.websocket.max_message_bytes = self.application.message_limit(self.environ)
             self.environ["wsgi.websocket"] = self.websocket
         return result
 
@@ -657,10 +665,29 @@ _PAGE_HEADERS = [
 ]
 
 
+class _Mounted:
+    """A platform's mount (webmount.WebMount) as this server serves it: whose it is, the token
+    rule for its paths (its own token, else the server's), and its live sockets."""
+
+    __slots__ = ("owner", "mount", "token", "sockets")
+
+    def __init__(self, owner, mount: WebMount, server_token: TokenCheck) -> None:
+        self.owner, self.mount = owner, mount
+        self.token = TokenCheck(mount.token) if mount.token else server_token
+        self.sockets: set[PageSocket] = set()
+
+
 class StatusServer:
     """`StatusServer(gateway, status_config).start()`; `.stop()` is idempotent. With port 0 the
     bound port is in `.port` after start; `.url` is the page's address (without the token).
-    The limits and timeouts default to the module's constants; tests pass small ones."""
+    The limits and timeouts default to the module's constants; tests pass small ones.
+
+    Mount point: a platform served by this server (the web chat) publishes a WebMount on
+    `webmount.MOUNTS`; the server claims those of its own gateway's adapters while it runs and
+    serves them under the same rules as its own paths: the Host check first, then the token
+    (the mount's own when it has one, else this server's: required off loopback), same-origin
+    WebSockets with the mount's size and socket limits, and the connection limits and timeouts
+    of every connection here (see the module docstring)."""
 
     routes = ("/", "/healthz", "/metrics", "/ws")
 
@@ -685,6 +712,7 @@ class StatusServer:
         self._sockets: set[PageSocket] = set()
         self._page: bytes = b""
         self._stopped = False
+        self._mounts: dict[str, _Mounted] = {}  # by path
         if not is_loopback(self.host) and not self._token.required:
             raise StatusServerError(
                 f"refusing to serve status on {self.host or 'all interfaces'} without a token: "
@@ -715,6 +743,7 @@ class StatusServer:
         logging.getLogger().addHandler(self.errors)
         log.info("status server listening url=%s auth=%s", self.url,
                  "bearer" if self._token.required else "none (loopback)")
+        MOUNTS.subscribe(self)
         return self
 
     def stop(self) -> None:
@@ -722,19 +751,70 @@ class StatusServer:
             return
         self._stopped = True
         logging.getLogger().removeHandler(self.errors)
-        for ws in list(self._sockets):
+        MOUNTS.unsubscribe(self)
+        mounted, self._mounts = list(self._mounts.values()), {}
+        for ws in [*self._sockets, *(s for m in mounted for s in m.sockets)]:
             try:
                 ws.close(CLOSE_GOING_AWAY, b"server stopping")
             except Exception:
                 pass
+        for m in mounted:
+            m.owner.detach(self)
         server, self._server = self._server, None
         server.stop(timeout=1)
         log.info("status server stopped")
 
+    # mount point (webmount.MountHost) -------------------------------------------------------
+    def offer(self, owner, mount: WebMount) -> None:
+        """A platform's mount was published: serve it when the platform is one of this gateway's
+        (another gateway in the same process has its own server) and its path is free."""
+        if self._stopped or self._server is None:
+            return
+        if not any(owner is a for a in list(self.gateway.adapters.values())):
+            return
+        self.withdraw(owner)
+        problem = mount_path_problem(mount.path) or next(
+            (f"already served for {getattr(m.owner, 'bot_key', '?')}"
+             for m in self._mounts.values()
+             if m.mount.covers(mount.path) or mount.covers(m.mount.path)), None)
+        if problem is not None:
+            log.error("status cannot mount platform=%s path=%s why=%s",
+                      getattr(owner, "bot_key", "?"), mount.path, problem)
+            return
+        if mount.token:
+            REDACTOR.add([mount.token])
+        self._mounts[mount.path] = _Mounted(owner, mount, self._token)
+        log.info("status mounted platform=%s path=%s auth=%s", getattr(owner, "bot_key", "?"),
+                 mount.path, "own token" if mount.token else
+                 ("bearer" if self._token.required else "none (loopback)"))
+        owner.attach(self)
+
+    def withdraw(self, owner) -> None:
+        for path in [p for p, m in self._mounts.items() if m.owner is owner]:
+            del self._mounts[path]
+
+    def _mount_for(self, path: str) -> _Mounted | None:
+        for mounted in self._mounts.values():
+            if mounted.mount.covers(path):
+                return mounted
+        return None
+
+    def message_limit(self, environ) -> int:
+        """The largest WebSocket message a socket on this path may send."""
+        mounted = self._mount_for(environ.get("PATH_INFO", ""))
+        return mounted.mount.max_message_bytes if mounted is not None else MAX_WS_MESSAGE_BYTES
+
     # WSGI ----------------------------------------------------------------------------------
     def may_upgrade(self, environ) -> bool:
         """Called by the handler before a WebSocket handshake."""
-        return (environ.get("PATH_INFO") == "/ws" and self._host.allows(environ)
+        path = environ.get("PATH_INFO")
+        if path != "/ws":
+            mounted = self._mount_for(path or "")
+            return (mounted is not None and path in mounted.mount.socket_paths
+                    and self._host.allows(environ) and mounted.token.allows(environ)
+                    and _same_origin(environ)
+                    and len(mounted.sockets) < mounted.mount.max_sockets)
+        return (self._host.allows(environ)
                 and self._token.allows(environ) and _same_origin(environ)
                 and len(self._sockets) < MAX_PAGE_SOCKETS)
 
@@ -745,6 +825,9 @@ class StatusServer:
             start_response("421 Misdirected Request", [("Content-Length", "0"),
                                                        ("Cache-Control", "no-store")])
             return []
+        mounted = self._mount_for(path)
+        if mounted is not None:
+            return self._serve_mount(mounted, environ, start_response)
         if path not in self.routes:
             return _json_response(start_response, "404 Not Found", {"error": "not found"})
         if not self._token.allows(environ):
@@ -774,6 +857,32 @@ class StatusServer:
             return self._metrics(environ, start_response)
         start_response("200 OK", [*_PAGE_HEADERS, ("Content-Length", str(len(self._page)))])
         return [self._page]
+
+    def _serve_mount(self, mounted: _Mounted, environ, start_response):
+        """A mounted platform's path: its token rule, then its app (a WebSocket is counted
+        against the mount's limit while the app serves it)."""
+        path = environ.get("PATH_INFO", "")
+        if not mounted.token.allows(environ):
+            log.info("status unauthorized path=%s", path[:100])
+            return _json_response(start_response, "401 Unauthorized", {"error": "unauthorized"},
+                                  [("WWW-Authenticate", 'Bearer realm="hermes-green"')])
+        if path not in mounted.mount.socket_paths:
+            return mounted.mount.app(environ, start_response)
+        ws = environ.get("wsgi.websocket")
+        if ws is None:
+            if not _same_origin(environ):
+                return _json_response(start_response, "403 Forbidden", {"error": "forbidden"})
+            if len(mounted.sockets) >= mounted.mount.max_sockets:
+                return _json_response(start_response, "503 Service Unavailable",
+                                      {"error": "too many pages open"})
+            return _json_response(start_response, "400 Bad Request",
+                                  {"error": "websocket upgrade expected"})
+        mounted.sockets.add(ws)
+        try:
+            return mounted.mount.app(environ, start_response)
+        finally:
+            mounted.sockets.discard(ws)
+            ws.close(1000)
 
     def _metrics(self, environ, start_response):
         """Prometheus text, or OpenMetrics when the scraper asks for it (as prometheus-client's
