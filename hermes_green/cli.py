@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="the gateway's config file (may also come before the command)")
     from .service_install import add_parser as add_service_parser
     add_service_parser(sub)
+    from .import_hermes import add_parser as add_import_parser
+    add_import_parser(sub)
     return p
 
 
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_check(load_config(args.config), full=args.full)
         if args.command == "chat":
             return run_chat(load_config(args.config))
+        if args.command == "import-hermes":
+            from . import import_hermes
+            return import_hermes.run(args)
         if args.command == "service":
             from . import service_install
             return service_install.run(args)
