@@ -212,6 +212,20 @@ def test_conversations_are_apart(make_chat):
     assert {r.in_reply_to for r in bob.replies} == {b}
 
 
+def test_the_driver_plays_users_for_code_that_drives_platforms_generically(make_chat):
+    from hermes_green.testing.fake_webchat import Driver
+    chat = make_chat()
+    driver = Driver().attach(chat.url)
+    try:
+        first, second = driver.user_says("one", chat=0), driver.user_says("two", chat=1)
+        wait_until(lambda: driver.answers(first) and driver.answers(second), what="answers")
+        assert driver.answers(first) == ["answer to one"]
+        assert driver.answers(second) == ["answer to two"]
+        assert driver.connected() and len(driver.reply_rows()) == 2
+    finally:
+        driver.stop()
+
+
 # --- the served transport's life ---------------------------------------------------------------
 
 def test_the_chat_is_ready_only_while_a_status_server_serves_it(make_chat):

@@ -128,7 +128,8 @@ def llm():
 def test_web_chat_in_chromium_streams_survives_restarts_and_delivers_missed_replies(tmp_path,
                                                                                      llm):
     if not os.path.exists(CHROMIUM):
-        pytest.fail(f"no chromium at {CHROMIUM}: `apt-get install chromium` (.ci/test-deps does it)")
+        pytest.fail(f"no chromium at {CHROMIUM}: `apt-get install chromium` "
+                    "(.ci/test-deps does it)")
     gate = gevent.event.Event()
 
     def third(body):
