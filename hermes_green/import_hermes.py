@@ -12,10 +12,16 @@ What it reads, and where hermes-agent defines it (NousResearch/hermes-agent):
   website/docs/user-guide/messaging/{telegram,wecom,feishu,qqbot}.md for the meanings;
 - who may talk to the bot: gateway/authorization.py `is_user_authorized`: `<P>_ALLOWED_USERS`
   (QQ: QQ_ALLOWED_USERS), GATEWAY_ALLOWED_USERS, `<P>_ALLOW_ALL_USERS`, GATEWAY_ALLOW_ALL_USERS,
-  "*" for everyone; with none of them hermes-agent lets nobody in (but users approved by
-  pairing, which live in its own store and are not imported);
+  "*" for everyone, group chats in TELEGRAM_GROUP_ALLOWED_CHATS / QQ_GROUP_ALLOWED_USERS; with
+  none of them hermes-agent lets nobody in but users approved by pairing, and an unknown user's
+  DM gets a pairing code (gateway/config.py `unauthorized_dm_behavior`, default "pair";
+  "ignore" does not). So: allow_from, dm_policy pairing (or allowlist), and with nobody allowed
+  group_policy allowlist; an adapter's own `dm_policy` / `group_policy` / `group_allow_from`
+  (messaging/wecom.md, qqbot.md), `require_mention` and `allow_admin_from` (load_gateway_config's
+  bridged keys) map to ours. Users hermes-agent approved by pairing live in its own store and
+  are not imported;
 - busy mode: gateway/run.py `_load_busy_input_mode`: HERMES_GATEWAY_BUSY_INPUT_MODE, else
-  `display.busy_input_mode`: queue, steer, or interrupt (the default);
+  `display.busy_input_mode`: queue, steer, or interrupt (the default), the same three here;
 - the model: cli-config.yaml.example `model:` (`default`/`model`, `provider`, `base_url`,
   `api_key`) and .env.example's provider keys and base-URL overrides;
 - its API server: website/docs/user-guide/features/api-server.md (API_SERVER_ENABLED,
@@ -25,7 +31,7 @@ What it reads, and where hermes-agent defines it (NousResearch/hermes-agent):
 What it writes: a section for every platform hermes-agent runs that this installation has an
 adapter for (the registry decides at run time; the others are reported), with the credentials
 as `${VAR}` references (the names are hermes-agent's, so its own .env would do too) and the
-values in the env file, never printed; `allow_from` from the allowlists; `gateway.busy_mode`;
+values in the env file, never printed; who may talk (above); `gateway.busy_mode`;
 the agent: `backend: service` at hermes-agent's API server when its config runs one (the agent
 keeps its tools, memory and skills), else the builtin agent on the same model and endpoint when
 that endpoint speaks the OpenAI API. Every setting it cannot carry over gets one line. A home
@@ -105,7 +111,9 @@ KNOWN: dict[str, Known] = {k.name: k for k in (
           "QQ_ALLOWED_USERS", "QQ_ALLOW_ALL_USERS", ("QQBOT_", "QQ_")),
     Known("dingtalk", (Cred("client_id", "DINGTALK_CLIENT_ID", ("extra.client_id",),
                             secret=False),
-                       Cred("client_secret", "DINGTALK_CLIENT_SECRET", ("extra.client_secret",))),
+                       Cred("client_secret", "DINGTALK_CLIENT_SECRET", ("extra.client_secret",)),
+                       Cred("robot_code", "DINGTALK_ROBOT_CODE", ("extra.robot_code",),
+                            secret=False, required=False)),
           "DINGTALK_ALLOWED_USERS", "DINGTALK_ALLOW_ALL_USERS", ("DINGTALK_",)),
 )}
 
@@ -148,11 +156,12 @@ USED_GATEWAY_ENV = frozenset({"GATEWAY_ALLOWED_USERS", "GATEWAY_ALLOW_ALL_USERS"
 REASONS = [
     (re.compile(r"_HOME_(CHANNEL|ROOM|ADDRESS)"), "home channels are where hermes-agent's cron "
                                                   "jobs deliver; hermes-green has no cron"),
-    (re.compile(r"REQUIRE_MENTION|FREE_RESPONSE|MENTION_PATTERNS"),
-     "in groups hermes-green answers the messages addressed to the bot"),
-    (re.compile(r"GROUP_ALLOWED|ALLOWED_CHATS|ALLOWED_ROLES|group_allow_from"),
-     "allow_from lists users, not groups or roles"),
-    (re.compile(r"(DM|GROUP)_POLICY|dm_policy|group_policy"), "hermes-green has allow_from only"),
+    (re.compile(r"FREE_RESPONSE|MENTION_PATTERNS|free_response|mention_patterns"),
+     "hermes-green has require_mention per bot and per group (groups:), not per pattern"),
+    (re.compile(r"ALLOWED_CHATS|ALLOWED_ROLES|ALLOWED_CHANNELS|ALLOWED_TEAMS"),
+     "allow_from lists users, groups are listed under groups: (ids), not roles or teams"),
+    (re.compile(r"^groups$"), "per-group user lists: hermes-green's groups take require_mention "
+                              "only"),
     (re.compile(r"TELEGRAM_WEBHOOK"), "hermes-green long-polls Telegram (and deletes the "
                                       "bot's webhook when it starts)"),
     (re.compile(r"webhook"), "hermes-green connects out (long polling, WebSocket); it serves "
@@ -266,6 +275,7 @@ class _Convert:
         self.used_env: set[str] = set(USED_GATEWAY_ENV)
         self.used_keys: set[str] = set()  # config.yaml key paths taken
         self.skipped: set[str] = set()  # platforms not imported (reported once, as a whole)
+        self.pairing_used = False  # some bot lets unknown users pair, as hermes-agent did
         self.service = False
 
     # config.yaml views -------------------------------------------------------------------
@@ -340,6 +350,10 @@ class _Convert:
             if section is not None:
                 platforms[known.name] = section
         self.other_platforms()
+        if self.pairing_used:
+            self.unmapped("pairing approvals", "users hermes-agent approved by pairing are not "
+                          "imported: they get a new code, and `hermes-green pairing approve "
+                          "CODE` lets them in")
         agent = self.agent()
         gateway = self.busy_mode()
         self.leftover_env()
@@ -394,22 +408,13 @@ class _Convert:
                 section[cred.key] = self.secret_ref(cred.env, value) if cred.secret else value
         if known.name == "feishu":
             self.feishu(section)
-        allow, how = self.allowlist(known)
-        if allow is None:
+        how = self.access(known, section)
+        if explicit is False:
             section["enabled"] = False
-            self.unmapped(f"{known.name} access", f"hermes-agent lets nobody in without "
-                          f"{known.allowed_env} or {known.allow_all_env} (users approved by "
-                          f"pairing are not imported): written with enabled: false; set "
-                          f"allow_from, then enable it")
-        else:
-            if allow:
-                section["allow_from"] = allow
-            if explicit is False:
-                section["enabled"] = False
         state = "disabled" if section.get("enabled") is False else "enabled"
         refs = ", ".join(f"{k} {v}" for k, v in section.items()
                          if isinstance(v, str) and v.startswith("${"))
-        self.out.done.append(f"{known.name}: {state}; {refs or 'no secrets'}; allow_from: {how}")
+        self.out.done.append(f"{known.name}: {state}; {refs or 'no secrets'}; {how}")
         return section
 
     def feishu(self, section: dict) -> None:
@@ -437,15 +442,11 @@ class _Convert:
             self.unmapped("FEISHU_CONNECTION_MODE", f"{mode}: hermes-green uses Feishu's long "
                           "connection (WebSocket); set the app's event mode to it")
 
-    def allowlist(self, known: Known) -> tuple[list[str] | None, str]:
-        """(allow_from, how): [] lets everyone in, None nobody (hermes-agent's default)."""
-        if (self.env_value(known.allow_all_env) or "").lower() in TRUTHY:
-            return [], f"everyone ({known.allow_all_env})"
+    def ids_at(self, name: str, keys: tuple[str, ...], what: str) -> list[str]:
+        """Ids listed in config.yaml under any of `keys` (a list, or a comma-separated text)."""
         ids: list[str] = []
-        for var in (known.allowed_env, "GATEWAY_ALLOWED_USERS"):
-            ids += [v.strip() for v in (self.env_value(var) or "").split(",") if v.strip()]
-        for key in ("allow_from", "extra.allow_from", "allowed_users", "extra.allowed_users"):
-            value, where = self.lookup(known.name, key)
+        for key in keys:
+            value, where = self.lookup(name, key)
             if value is None:
                 continue
             self.used_keys.add(where)
@@ -455,15 +456,95 @@ class _Convert:
                                                  isinstance(v, bool) for v in value):
                 ids += [str(v).strip() for v in value if str(v).strip()]
             else:
-                self.problems.append(f"config.yaml: {where} is not a list of user ids")
-        if "*" in ids:
-            return [], "everyone ('*')"
-        if ids:
-            unique = list(dict.fromkeys(ids))
-            return unique, f"{len(unique)} user(s)"
-        if (self.env_value("GATEWAY_ALLOW_ALL_USERS") or "").lower() in TRUTHY:
-            return [], "everyone (GATEWAY_ALLOW_ALL_USERS)"
-        return None, "nobody"
+                self.problems.append(f"config.yaml: {where} is not a list of {what}")
+        return ids
+
+    def env_ids(self, var: str) -> list[str]:
+        return [v.strip() for v in (self.env_value(var) or "").split(",") if v.strip()]
+
+    def setting(self, name: str, keys: tuple[str, ...]) -> Any:
+        value = None
+        for key in keys:
+            found, where = self.lookup(name, key)
+            if found is not None:
+                self.used_keys.add(where)
+                value = found
+        return value
+
+    def access(self, known: Known, section: dict) -> str:
+        """Who may talk, as hermes-agent decides it (gateway/authorization.py), written as
+        allow_from / dm_policy / group_policy / groups / admins / require_mention. Returns
+        how it reads, for the summary line."""
+        name = known.name
+        users = self.env_ids(known.allowed_env) + self.env_ids("GATEWAY_ALLOWED_USERS")
+        users += self.ids_at(name, ("allow_from", "extra.allow_from", "allowed_users",
+                                    "extra.allowed_users"), "user ids")
+        groups = self.ids_at(name, ("group_allow_from", "extra.group_allow_from"), "group ids")
+        group_var = {"telegram": "TELEGRAM_GROUP_ALLOWED_CHATS",
+                     "qqbot": "QQ_GROUP_ALLOWED_USERS"}.get(name)
+        if group_var:
+            groups += self.env_ids(group_var)
+        if name == "telegram":  # old style: chat ids (negative) in the group *users* variable
+            group_users = self.env_ids("TELEGRAM_GROUP_ALLOWED_USERS")
+            groups += [g for g in group_users if g.startswith("-")]
+            if any(not g.startswith("-") for g in group_users):
+                self.unmapped("TELEGRAM_GROUP_ALLOWED_USERS", "users allowed in groups only; "
+                              "allow_from admits a user everywhere")
+        admins = self.ids_at(name, ("allow_admin_from", "extra.allow_admin_from"), "user ids")
+        everyone = ((self.env_value(known.allow_all_env) or "").lower() in TRUTHY
+                    or "*" in users
+                    or (not users and (self.env_value("GATEWAY_ALLOW_ALL_USERS") or "").lower()
+                        in TRUTHY))
+        unauthorized = self.setting(name, ("unauthorized_dm_behavior",
+                                           "extra.unauthorized_dm_behavior"))
+        if unauthorized is None:
+            unauthorized = self.cfg.get("unauthorized_dm_behavior")
+            gateway = self.cfg.get("gateway")
+            if unauthorized is None and isinstance(gateway, dict):
+                unauthorized = gateway.get("unauthorized_dm_behavior")
+        pair = str(unauthorized or "pair").strip().lower() != "ignore"  # hermes: pair default
+        dm = str(self.setting(name, ("dm_policy", "extra.dm_policy")) or "open").lower()
+        gp = str(self.setting(name, ("group_policy", "extra.group_policy")) or "open").lower()
+        users = list(dict.fromkeys(u for u in users if u != "*"))
+        if everyone:
+            how = "everyone"
+        else:
+            if users:
+                section["allow_from"] = users
+            section["dm_policy"] = "pairing" if pair else "allowlist"
+            self.pairing_used |= pair
+            how = (f"{len(users)} user(s)" if users else "nobody yet") + \
+                (", unknown users get a pairing code" if pair else "")
+        if dm == "allowlist" and not everyone:
+            section["dm_policy"] = "allowlist"
+        elif dm == "pairing":
+            section["dm_policy"] = "pairing"
+            self.pairing_used = True
+        elif dm == "disabled":
+            section["dm_policy"] = "allowlist"
+            self.unmapped(f"{name} dm_policy", "disabled: hermes-green has no such policy; "
+                          "written as allowlist (allow_from, admins and paired users only)")
+        if gp == "disabled":
+            section["group_policy"] = "disabled"
+        elif groups or gp == "allowlist" or (not everyone and not users):
+            # with nobody allowed, hermes-agent admits no unknown user in groups either
+            section["group_policy"] = "allowlist"
+            section["groups"] = {g: {} for g in dict.fromkeys(groups)}
+        if groups and users:
+            self.unmapped(f"{name} groups", "hermes-agent admits every member of a listed group; "
+                          "in hermes-green allow_from still applies inside them")
+        if admins:
+            section["admins"] = list(dict.fromkeys(admins))
+        mention = self.env_value(f"{known.prefixes[-1]}REQUIRE_MENTION")
+        if mention is None:
+            mention = self.setting(name, ("require_mention", "extra.require_mention"))
+        if mention is None and name == "telegram":
+            mention = self.cfg.get("require_mention")
+            if mention is not None:
+                self.used_keys.add("require_mention")
+        if mention is not None:
+            section["require_mention"] = str(mention).strip().lower() in TRUTHY
+        return f"allow_from: {how}"
 
     def not_imported(self, name: str, why: str, *, configured: bool = False) -> None:
         """Report a platform as a whole: one line naming the settings it leaves behind (when
@@ -608,11 +689,7 @@ class _Convert:
         if mode is None:
             source = "hermes-agent's default"
         mode = (mode or "interrupt").strip().lower()
-        if mode == "steer":
-            self.unmapped(source, "steer (a message sent during a turn joins that turn) has no "
-                                  "equivalent; busy_mode stays queue")
-            return {}
-        mode = mode if mode == "queue" else "interrupt"  # hermes-agent's own fallback
+        mode = mode if mode in ("queue", "steer") else "interrupt"  # hermes-agent's fallback
         self.out.done.append(f"gateway.busy_mode: {mode} (from {source})")
         return {"busy_mode": mode}
 

@@ -28,7 +28,8 @@ API_SERVER_KEY = "hermes-api-server-key-0123456789"
 
 @pytest.fixture(scope="module")
 def fleet():
-    f = FakeFleet(("wecom", "feishu", "qqbot", "telegram", "discord")).start()
+    f = FakeFleet(("wecom", "feishu", "qqbot", "telegram", "discord", "slack",
+                   "dingtalk")).start()
     yield f
     f.stop()
 
@@ -133,7 +134,8 @@ TERMINAL_TIMEOUT=60
                                 "model": "fake-model", "api_key": "${OPENAI_API_KEY}"}
     p = written["platforms"]
     assert p["wecom"] == {"bot_id": wecom.bot_id, "secret": "${WECOM_SECRET}",
-                          "url": wecom.ws_url, "allow_from": ["user0", "user1"]}
+                          "url": wecom.ws_url, "allow_from": ["user0", "user1"],
+                          "dm_policy": "pairing"}  # unknown users pair, as in hermes-agent
     assert p["feishu"]["app_secret"] == "${FEISHU_APP_SECRET}"
     assert p["feishu"]["allow_from"] == ["ou_user0", "ou_user1"]
     assert p["qqbot"]["client_secret"] == "${QQ_CLIENT_SECRET}"
@@ -146,11 +148,11 @@ TERMINAL_TIMEOUT=60
     for secret in secrets_of(env):
         assert secret not in result.stdout + result.stderr + cfg.read_text()
     lines = unmapped(result)
-    for setting in ("QQBOT_HOME_CHANNEL", "TERMINAL_TIMEOUT", "platforms.wecom.extra.dm_policy",
-                    "platforms.qqbot.extra.markdown_support", "group_sessions_per_user",
-                    "terminal", "display"):
+    expected = ["QQBOT_HOME_CHANNEL", "TERMINAL_TIMEOUT", "platforms.qqbot.extra.markdown_support",
+                "group_sessions_per_user", "terminal", "display", "pairing approvals"]
+    for setting in expected:
         assert sum(line.startswith(setting + ":") for line in lines) == 1, (setting, lines)
-    assert len(lines) == 7, lines
+    assert len(lines) == len(expected), lines
 
     got = check(cfg, env)
     assert {k for k in got if k.startswith("platform")} == {
@@ -205,8 +207,9 @@ API_SERVER_PORT={agent_service.port}
     for secret in secrets_of(env):
         assert secret not in result.stdout + result.stderr + cfg.read_text()
     lines = unmapped(result)
+    assert written["platforms"]["discord"]["require_mention"] is True
     assert sorted(line.split(":")[0] for line in lines) == sorted([
-        "TELEGRAM_HOME_CHANNEL", "platforms.telegram.reply_to_mode", "discord.require_mention",
+        "TELEGRAM_HOME_CHANNEL", "platforms.telegram.reply_to_mode", "pairing approvals",
         "discord.free_response_channels", "discord.auto_thread"]), lines
     kept = [line for line in result.stdout.splitlines() if line.startswith("kept by")]
     assert len(kept) == 2 and "OPENROUTER_API_KEY" in kept[0] + kept[1]
@@ -218,7 +221,7 @@ API_SERVER_PORT={agent_service.port}
 
 
 def test_a_home_with_unsupported_settings_reports_each_and_still_passes_check(tmp_path, fleet):
-    qq = fleet.fakes["qqbot"]
+    qq, telegram = fleet.fakes["qqbot"], fleet.fakes["telegram"]
     path = home(tmp_path, "hermes3", config=f"""\
 model:
   default: claude-opus-4.6
@@ -243,10 +246,10 @@ platforms:
     enabled: true
 whatsapp:
   reply_prefix: ""
-""", env="""\
+""", env=f"""\
 ANTHROPIC_API_KEY=sk-ant-not-a-real-key
 EXA_API_KEY=exa-not-a-real-key
-TELEGRAM_BOT_TOKEN=123456:not-a-real-token
+TELEGRAM_BOT_TOKEN={telegram.token}
 TELEGRAM_WEBHOOK_URL=https://my-app.fly.dev/telegram
 QQ_GROUP_ALLOWED_USERS=group-openid-1
 WHATSAPP_ENABLED=true
@@ -255,33 +258,75 @@ SIGNAL_HTTP_URL=http://127.0.0.1:8080
 SIGNAL_ACCOUNT=+15551234567
 MATRIX_ACCESS_TOKEN=syt_not_a_real_token
 MATRIX_HOMESERVER=https://matrix.example.org
+WECOM_CALLBACK_CORP_ID=ww0123456789
+WECOM_CALLBACK_CORP_SECRET=not-a-real-corp-secret
 API_SERVER_KEY=too-short
 """)
     result, cfg, env = import_home(tmp_path, path, f"platforms.qqbot.api_base={qq.http_base}",
-                                   f"platforms.qqbot.token_url={qq.token_url}")
+                                   f"platforms.qqbot.token_url={qq.token_url}",
+                                   f"platforms.telegram.api_base={telegram.http_base}")
     assert result.returncode == 0, result.stderr
     written = yaml.safe_load(cfg.read_text())
     assert "agent" not in written  # anthropic's API is not OpenAI's: the echo agent answers
-    assert "busy_mode" not in written.get("gateway", {})  # steer has no equivalent: queue
-    assert written["platforms"]["telegram"]["enabled"] is False  # hermes-agent lets nobody in
-    assert written["platforms"]["qqbot"]["allow_from"] == ["user-openid-1"]
-    assert written["platforms"]["qqbot"]["client_secret"] == "${QQ_CLIENT_SECRET}"
+    assert written["gateway"]["busy_mode"] == "steer"
+    # no allowlist: hermes-agent lets nobody in but paired users; so does the import
+    assert written["platforms"]["telegram"] == {"token": "${TELEGRAM_BOT_TOKEN}",
+                                                "dm_policy": "pairing",
+                                                "group_policy": "allowlist", "groups": {},
+                                                "api_base": telegram.http_base}
+    assert written["platforms"]["qqbot"] == {
+        "app_id": qq.app_id, "client_secret": "${QQ_CLIENT_SECRET}",
+        "allow_from": ["user-openid-1"], "dm_policy": "allowlist",
+        "group_policy": "allowlist", "groups": {"group-openid-1": {}},
+        "api_base": qq.http_base, "token_url": qq.token_url}
     assert read_env_file(env)["QQ_CLIENT_SECRET"] == qq.client_secret  # moved out of the yaml
     lines = unmapped(result)
-    expected = ["model.provider: anthropic", "display.busy_input_mode", "telegram access",
-                "TELEGRAM_WEBHOOK_URL", "QQ_GROUP_ALLOWED_USERS", "whatsapp", "signal",
-                "matrix", "API_SERVER_ENABLED", "platforms.qqbot.extra.dm_policy",
-                "platforms.qqbot.extra.group_policy", "platforms.qqbot.extra.markdown_support",
-                "streaming", "session_reset", "ANTHROPIC_API_KEY", "EXA_API_KEY"]
+    expected = ["model.provider: anthropic", "pairing approvals", "TELEGRAM_WEBHOOK_URL",
+                "whatsapp", "signal", "matrix", "wecom_callback", "API_SERVER_ENABLED",
+                "qqbot groups",
+                "platforms.qqbot.extra.markdown_support", "streaming", "session_reset",
+                "ANTHROPIC_API_KEY", "EXA_API_KEY"]
     for setting in expected:
         assert sum(line.startswith(setting + ":") for line in lines) == 1, (setting, lines)
     assert len(lines) == len(expected), lines
-    for secret in ("not-a-real", qq.client_secret, "too-short", "15551234567"):
+    for secret in ("not-a-real", qq.client_secret, telegram.token, "too-short", "15551234567"):
         assert secret not in result.stdout + result.stderr + cfg.read_text()
 
     got = check(cfg, env)
-    assert set(got) == {"runtime", "config", "data_dir", "platform qqbot", "llm"}
+    assert set(got) == {"runtime", "config", "data_dir", "platform qqbot", "platform telegram",
+                        "llm"}
     assert got["llm"].startswith("skip")
+
+
+def test_a_slack_and_dingtalk_home_imports_and_passes_check(tmp_path, fleet):
+    slack, dingtalk = fleet.fakes["slack"], fleet.fakes["dingtalk"]
+    path = home(tmp_path, "hermes4", config="""\
+platforms:
+  dingtalk:
+    extra:
+      require_mention: true
+""", env=f"""\
+# messaging/slack.md (Socket Mode)
+SLACK_BOT_TOKEN={slack.bot_token}
+SLACK_APP_TOKEN={slack.app_token}
+SLACK_ALLOWED_USERS=U0USER0
+# messaging/dingtalk.md (Stream mode)
+DINGTALK_CLIENT_ID={dingtalk.client_id}
+DINGTALK_CLIENT_SECRET={dingtalk.client_secret}
+DINGTALK_ALLOW_ALL_USERS=true
+""")
+    result, cfg, env = import_home(tmp_path, path, f"platforms.slack.api_base={slack.api_base}",
+                                   f"platforms.dingtalk.api_base={dingtalk.http_base}")
+    assert result.returncode == 0, result.stderr
+    written = yaml.safe_load(cfg.read_text())["platforms"]
+    assert written["slack"]["app_token"] == "${SLACK_APP_TOKEN}"
+    assert written["slack"]["bot_token"] == "${SLACK_BOT_TOKEN}"
+    assert written["dingtalk"]["client_secret"] == "${DINGTALK_CLIENT_SECRET}"
+    assert written["dingtalk"]["require_mention"] is True
+    for secret in secrets_of(env):
+        assert secret not in result.stdout + result.stderr + cfg.read_text()
+    got = check(cfg, env)
+    assert got["platform slack"].startswith("ok") and got["platform dingtalk"].startswith("ok")
 
 
 # --- the mapping's rules -----------------------------------------------------------------------
@@ -291,20 +336,30 @@ def mapped(tmp_path, config: str, env: str, available=None, name: str = "h"):
     return convert(read_home(path), available)
 
 
-@pytest.mark.parametrize("env, allow_from, enabled", [
-    ("TELEGRAM_ALLOWED_USERS=1,2, 2 ,3", ["1", "2", "3"], True),
-    ("TELEGRAM_ALLOWED_USERS=1,*", None, True),
-    ("TELEGRAM_ALLOW_ALL_USERS=true\nTELEGRAM_ALLOWED_USERS=1", None, True),
-    ("GATEWAY_ALLOWED_USERS=9", ["9"], True),
-    ("GATEWAY_ALLOW_ALL_USERS=yes", None, True),
-    ("GATEWAY_ALLOW_ALL_USERS=true\nTELEGRAM_ALLOWED_USERS=4", ["4"], True),
-    ("", None, False),  # hermes-agent's default: nobody
+@pytest.mark.parametrize("config, env, expected", [
+    ("{}", "TELEGRAM_ALLOWED_USERS=1,2, 2 ,3",
+     {"allow_from": ["1", "2", "3"], "dm_policy": "pairing"}),
+    ("{}", "TELEGRAM_ALLOWED_USERS=1,*", {}),
+    ("{}", "TELEGRAM_ALLOW_ALL_USERS=true\nTELEGRAM_ALLOWED_USERS=1", {}),
+    ("{}", "GATEWAY_ALLOWED_USERS=9", {"allow_from": ["9"], "dm_policy": "pairing"}),
+    ("{}", "GATEWAY_ALLOW_ALL_USERS=yes", {}),
+    ("{}", "GATEWAY_ALLOW_ALL_USERS=true\nTELEGRAM_ALLOWED_USERS=4",
+     {"allow_from": ["4"], "dm_policy": "pairing"}),
+    # hermes-agent's default: nobody but paired users (unknown DMs get a code), no groups
+    ("{}", "", {"dm_policy": "pairing", "group_policy": "allowlist", "groups": {}}),
+    ("unauthorized_dm_behavior: ignore", "TELEGRAM_ALLOWED_USERS=1",
+     {"allow_from": ["1"], "dm_policy": "allowlist"}),
+    ("{}", "TELEGRAM_ALLOW_ALL_USERS=1\nTELEGRAM_GROUP_ALLOWED_CHATS=-100123\n"
+           "TELEGRAM_REQUIRE_MENTION=false",
+     {"group_policy": "allowlist", "groups": {"-100123": {}}, "require_mention": False}),
+    ("telegram: {allow_admin_from: [7], require_mention: true}", "TELEGRAM_ALLOW_ALL_USERS=1",
+     {"admins": ["7"], "require_mention": True}),
 ])
-def test_allowlists_follow_hermes_agents_authorization(tmp_path, env, allow_from, enabled):
-    got = mapped(tmp_path, "{}", f"TELEGRAM_BOT_TOKEN=123:abc\n{env}\n", {"telegram"})
-    section = got.config["platforms"]["telegram"]
-    assert section.get("allow_from") == allow_from
-    assert section.get("enabled", True) is enabled
+def test_access_follows_hermes_agents_authorization(tmp_path, config, env, expected):
+    got = mapped(tmp_path, config, f"TELEGRAM_BOT_TOKEN=123:abc\n{env}\n", {"telegram"})
+    section = dict(got.config["platforms"]["telegram"])
+    assert section.pop("token") == "${TELEGRAM_BOT_TOKEN}"
+    assert section == expected
 
 
 def test_config_yaml_credentials_go_to_the_env_file_and_env_wins(tmp_path):
@@ -328,11 +383,10 @@ def test_slack_and_dingtalk_map_when_this_installation_has_their_adapters(tmp_pa
     got = mapped(tmp_path, config, env, {"slack", "dingtalk"})
     assert got.config["platforms"]["slack"] == {"bot_token": "${SLACK_BOT_TOKEN}",
                                                 "app_token": "${SLACK_APP_TOKEN}",
-                                                "allow_from": ["U1"]}
+                                                "allow_from": ["U1"], "dm_policy": "pairing"}
     assert got.config["platforms"]["dingtalk"] == {"client_id": "ding-id",
                                                    "client_secret": "${DINGTALK_CLIENT_SECRET}"}
-    not_model = [line for line in got.unmapped if not line.startswith("model:")]
-    assert not_model == []
+    assert sorted(line.split(":")[0] for line in got.unmapped) == ["model", "pairing approvals"]
     without = mapped(tmp_path, config, env, set(), name="h2")
     assert without.config["platforms"] == {}
     assert sorted(line.split(":")[0] for line in without.unmapped
