@@ -56,6 +56,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 import struct
 import time
 from pathlib import Path
@@ -569,6 +570,11 @@ class _Handler(WebSocketHandler):
             self.websocket = PageSocket(self.environ, Stream(self), self)
             self.websocket.max_message_bytes = self.application.message_limit(self.environ)
             self.environ["wsgi.websocket"] = self.websocket
+            try:  # small frames both ways: Nagle would hold the second of two for the peer's
+                # delayed ACK (~40 ms), e.g. a chat reply right after its "received"
+                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
         return result
 
     @property

@@ -128,6 +128,16 @@ def test_a_message_is_answered_with_streamed_progress_then_the_reply(make_chat):
     assert chat.agent.turns == ["hello"]
 
 
+def test_page_sockets_send_small_frames_at_once(make_chat):
+    """A reply right after its "received" frame must not wait for the page's delayed ACK
+    (Nagle: ~40 ms per reply, measured with bench/webchat.py before the fix)."""
+    chat = make_chat()
+    page = chat.page().open()
+    served = chat.adapter._pages[page.conversation][0]
+    sock = served.ws.handler.socket
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 def test_the_outbox_row_stays_until_the_page_acknowledges_the_reply(make_chat):
     chat = make_chat(webchat={"ack_timeout_s": 0.3})
     page = chat.page(auto_ack=False).open()
