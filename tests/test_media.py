@@ -109,13 +109,27 @@ def test_a_voice_message_reaches_the_model_as_text(rig):
 
 @pytest.mark.parametrize("rig", PLATFORMS, indirect=True)
 def test_a_file_the_agent_sends_arrives_once_after_the_answer(rig):
-    report = rig.outbound / "report.pdf"
-    report.write_bytes(b"%PDF-1.4\n" + os.urandom(700 * 1024))  # two WeCom chunks
-    rig.llm.script(tool_call("send_file", path=str(report)), text("Here is the report."))
-    mid = rig.driver.user_says("send me the report") if hasattr(rig.driver, "user_says") else None
+    chart = rig.outbound / "chart.png"
+    chart.write_bytes(PNG + os.urandom(700 * 1024))  # two chunks of WeCom's upload
+    rig.llm.script(tool_call("send_file", path=str(chart)), text("Here is the chart."))
+    mid = rig.driver.user_says("send me the chart")
     rig.driver.fake.wait_for(lambda: rig.driver.files_sent(), timeout=20)
     wait_until(lambda: rig.gw.store.outbox_pending() == 0, timeout=10, what="outbox empty")
     [sent] = rig.driver.files_sent()
-    assert sent.data == report.read_bytes() and sent.name == "report.pdf"
-    assert sent.message_id in (mid, "")
-    assert rig.driver.answers(mid) == ["Here is the report."]
+    assert sent.data == chart.read_bytes() and sent.media == "image"
+    assert sent.name in ("chart.png", "")  # QQ's rich media carries no name
+    assert sent.message_id == mid
+    assert rig.driver.answers(mid) == ["Here is the chart."]
+
+
+@pytest.mark.parametrize("rig", PLATFORMS, indirect=True)
+def test_send_file_refuses_paths_outside_the_allowed_directories(rig, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the chat")
+    rig.llm.script(tool_call("send_file", path=str(secret)), text("I could not send it."))
+    mid = rig.driver.user_says("send me the secret")
+    answered(rig, mid)
+    tool_result = [m["content"] for m in rig.llm.chat_requests[-1].body["messages"]
+                   if m.get("role") == "tool"]
+    assert tool_result and "outside the directories" in tool_result[0]
+    assert rig.driver.files_sent() == []
