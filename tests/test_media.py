@@ -66,7 +66,9 @@ def rig(tmp_path, llm, request):
 
 
 def answered(rig, mid: str, timeout: float = 20.0) -> list[str]:
+    """The final answer to `mid` (progress edits may show parts of it earlier)."""
     rig.driver.fake.wait_for(lambda: rig.driver.answers(mid), timeout=timeout)
+    assert rig.gw.wait_idle(timeout)
     return rig.driver.answers(mid)
 
 
