@@ -595,12 +595,12 @@ class FakeDiscordServer(FakePlatformServer):
         body = request["json"]
         files: list[SentFile] = []
         if request["headers"].get("Content-Type", "").startswith("multipart/"):
+            self.uploads += 1  # upload and send are one request here
             if not self._release.is_set():
                 self.held_sends += 1
                 self.changed()
                 self._release.wait()
                 return self._error(request, 502, 0, "dropped")
-            self.uploads += 1
             parsed = self._multipart_body(request)
             if isinstance(parsed, tuple) and len(parsed) == 3 and isinstance(parsed[0], int):
                 return parsed  # an error answer

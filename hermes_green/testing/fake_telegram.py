@@ -719,12 +719,12 @@ class FakeTelegramServer(FakePlatformServer):
             raise _Answer(400, f"Bad Request: there is no {field_name} in the request")
         if isinstance(upload, str):  # a file_id or URL: not what our bot sends
             raise _Answer(400, "Bad Request: wrong file identifier/HTTP URL specified")
+        self.file_uploads += 1  # upload and send are one request here
         if not self._release.is_set():
             self.held_sends += 1
             self.changed()
             self._release.wait()
             raise _Answer(502, "Bad Gateway")
-        self.file_uploads += 1
         if len(upload.data) > limit:
             raise _Answer(413, "Request Entity Too Large")
         chat = self._chat(bot, params)
