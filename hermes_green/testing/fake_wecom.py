@@ -227,12 +227,14 @@ class FakeWeComServer(FakePlatformServer):
 
     def send_user_media(self, data: bytes, kind: str = "image", *, chattype: str = "single",
                         userid: str = "alice", chatid: str | None = None,
-                        filename: str | None = None, aeskey: str | None = None) -> str:
-        """A user sends an image / file / video: served encrypted, the callback carries url +
-        aeskey (without its base64 padding, as EncodingAESKey-style keys are written)."""
+                        filename: str | None = None, aeskey: str | None = None,
+                        rate_bps: float | None = None) -> str:
+        """A user sends an image / file / video: served encrypted (at `rate_bps` when given),
+        the callback carries url + aeskey (without its base64 padding, as EncodingAESKey-style
+        keys are written)."""
         key = os.urandom(32)
         url = self.host_media(encrypt_file(data, key), "application/octet-stream",
-                              ttl_s=self.media_ttl_s)
+                              ttl_s=self.media_ttl_s, rate_bps=rate_bps)
         payload: dict[str, Any] = {
             "url": url, "aeskey": aeskey or base64.b64encode(key).decode().rstrip("=")}
         if filename:
