@@ -58,7 +58,8 @@ def env(tmp_path):
         g.name = name
         return g
     media = MediaManager(config, store, adapters, spawn)
-    media.start()
+    for d in (media.in_dir, media.out_dir):  # (no start(): its cleanup loop would race ours)
+        d.mkdir(parents=True)
     yield media, store, adapters
     group.kill()
     store.close()
@@ -159,10 +160,16 @@ def test_retention_deletes_old_files_but_not_what_the_outbox_still_needs(env):
 
 
 def test_a_schema_2_file_gains_the_outbox_file_columns_and_keeps_its_rows(tmp_path):
+    """(schema 2 -> 4: the journal's rebuild for 'refused', then the file columns)"""
     db = sqlite3.connect(tmp_path / "hermes-green.sqlite3")
     db.executescript("""
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         INSERT INTO meta VALUES ('schema', '2');
+        CREATE TABLE inbound (bot TEXT NOT NULL, message_id TEXT NOT NULL,
+            chat_id TEXT NOT NULL, state TEXT NOT NULL CHECK (state IN ('received',
+            'processing', 'answered', 'failed')), attempts INTEGER NOT NULL DEFAULT 0,
+            payload TEXT NOT NULL, received_at REAL NOT NULL, updated_at REAL NOT NULL,
+            PRIMARY KEY (bot, message_id));
         CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, bot TEXT NOT NULL,
             chat_id TEXT NOT NULL, in_reply_to TEXT, seq INTEGER NOT NULL DEFAULT 0,
             reply_ref TEXT NOT NULL, text TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
@@ -176,7 +183,7 @@ def test_a_schema_2_file_gains_the_outbox_file_columns_and_keeps_its_rows(tmp_pa
     try:
         [row] = store.outbox_due("qqbot")
         assert (row.text, row.kind, row.file) == ("an old reply", "text", None)
-        assert store.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "3"
+        assert store.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "4"
     finally:
         store.close()
 
