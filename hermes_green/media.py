@@ -186,7 +186,8 @@ class MediaManager:
     def ready(self, batch: list[InboundMessage]) -> list[InboundMessage]:
         """The batch with every attachment settled: waits for running downloads (starting
         those a restart left pending) at most `media.wait_s` in all, then transcribes voice
-        messages the platform did not. A download still running then is given up with a note."""
+        messages the platform did not. A download still running then is given up with a note.
+        The list is updated in place (the session manager knows a running turn by its batch)."""
         deadline = time.monotonic() + self.cfg.wait_s
         out = []
         for msg in batch:
@@ -201,7 +202,8 @@ class MediaManager:
                                              f"{self.cfg.wait_s:g} s")
                 self._tasks.pop((msg.bot_key, msg.message_id), None)
             out.append(self._transcribe(msg))
-        return out
+        batch[:] = out
+        return batch
 
     def _give_up(self, msg: InboundMessage, note: str) -> InboundMessage:
         msg.attachments = tuple(replace(a, status="failed", note=note, meta={})
