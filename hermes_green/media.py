@@ -320,6 +320,9 @@ class MediaManager:
                         head += data[:SNIFF_BYTES - len(head)]
                     f.write(data)
                     stored += len(data)
+                    # A socket that always has data never blocks, so this loop would keep the
+                    # hub for the whole download at loopback speed: let the loop turn.
+                    gevent.sleep(0)
                 if decryptor is not None:
                     try:
                         tail = decryptor.finalize()
