@@ -195,3 +195,13 @@ def test_sniffing_tells_images_from_what_pretends_to_be_one():
     assert sniff(b"OggS\x00\x02") == "audio/ogg"
     assert sniff(b"  <!doctype html><title>403</title>") == "text/html"
     assert sniff(b"hello") is None
+
+
+def test_markdown_image_links_are_written_the_way_each_platform_shows_them():
+    from hermes_green.replies import render_image_links
+    answer = "Here: ![a cat](https://x.test/cat.png) and ![](https://x.test/dog.png)"
+    assert render_image_links(answer, "markdown") == answer  # WeCom renders them
+    assert render_image_links(answer, "bare") == \
+        "Here: https://x.test/cat.png and https://x.test/dog.png"  # Discord embeds lone URLs
+    assert render_image_links(answer, "text") == \
+        "Here: a cat: https://x.test/cat.png and https://x.test/dog.png"
