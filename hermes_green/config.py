@@ -26,8 +26,8 @@ from . import safe_yaml
 
 __all__ = [
     "ConfigError", "Config", "GatewayConfig", "StatusConfig", "AgentConfig", "AgentServiceConfig",
-    "ExecutorsConfig", "PlatformsConfig", "BotConfig", "BotSection", "BackoffConfig",
-    "BusyConfig", "RateLimitConfig",
+    "ExecutorsConfig", "MediaConfig", "TranscribeConfig", "PlatformsConfig", "BotConfig",
+    "BotSection", "BackoffConfig", "BusyConfig", "RateLimitConfig",
     "load_config", "parse_config",
 ]
 
@@ -157,6 +157,16 @@ _SERVICE_DEFAULTS = {"base_url": "http://127.0.0.1:8642/v1", "model": "hermes-ag
                      "system_prompt": "", "tools": [], "max_retries": 0}
 
 
+class TranscribeConfig(_Strict):
+    """`agent.transcribe`: an OpenAI-compatible `/audio/transcriptions` endpoint for voice
+    messages the platform did not transcribe itself. base_url / api_key default to the agent's."""
+    base_url: Optional[str] = None
+    api_key: Optional[SecretStr] = None
+    model: str = "whisper-1"
+    language: Optional[str] = None
+    timeout_s: float = Field(60.0, gt=0)
+
+
 class AgentConfig(_Strict):
     """An OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, OpenRouter, ...), or with
     `backend: service` a remote agent behind one (hermes-agent's API server)."""
@@ -175,6 +185,13 @@ class AgentConfig(_Strict):
     max_history: int = Field(40, ge=0)
     tools: list[str] = Field(default_factory=lambda: ["hermes_green.agent.builtin_tools"])
     extra_headers: dict[str, str] = Field(default_factory=dict)
+    # Images the user sent go to the model as image_url parts (the model must accept images);
+    # off, they are files the tools may read. Larger images are handed over as files only.
+    vision: bool = False
+    vision_max_bytes: int = Field(5 * 1024 * 1024, gt=0)
+    transcribe: Optional[TranscribeConfig] = None
+    # The built-in send_file tool (files go to the chat through the outbox, after the answer).
+    send_files: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -199,8 +216,28 @@ class ExecutorsConfig(_Strict):
     processes: int = Field(1, ge=1, le=64)
 
 
+class MediaConfig(_Strict):
+    """Files users send (fetched at receipt: platform URLs expire within minutes) and files the
+    agent sends. Stored under `gateway.data_dir`/media (in/ and out/), deleted after
+    `retention_days`."""
+    max_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    retention_days: float = Field(7.0, gt=0)
+    # A turn waits this long for its message's downloads, then goes on with a note.
+    wait_s: float = Field(60.0, gt=0)
+    download_timeout_s: float = Field(120.0, gt=0)
+    concurrent_downloads: int = Field(4, ge=1, le=64)
+    # What may be stored (fnmatch patterns of MIME types, checked against the sniffed type).
+    allowed_types: list[str] = Field(default_factory=lambda: [
+        "image/*", "audio/*", "video/*", "text/*", "application/pdf", "application/json",
+        "application/zip", "application/gzip", "application/x-tar", "application/msword",
+        "application/vnd.*", "application/octet-stream"])
+    # send_file sends only files under these directories (besides data_dir/media itself).
+    outbound_dirs: list[Path] = Field(default_factory=list)
+
+
 class Config(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    media: MediaConfig = Field(default_factory=MediaConfig)
     # No `agent` section: the echo agent answers (useful to test platform wiring alone).
     agent: Optional[AgentConfig] = None
     executors: ExecutorsConfig = Field(default_factory=ExecutorsConfig)

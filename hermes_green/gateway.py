@@ -43,6 +43,7 @@ from . import reload as reloading
 from .access import PAIRING_NOTICE, PAIRING_TTL_S, BotAccess, new_pairing_code
 from .agent.base import Agent, Turn, TurnFailed
 from .config import Config, ConfigError, load_config
+from .media import MediaManager
 from .models import InboundMessage, OutboundMessage, attachment_placeholder, split_bot_key
 from .platforms import registry
 from .platforms.base import Delivery, FatalPlatformError, PlatformAdapter, SendError, State
@@ -50,7 +51,7 @@ from .platforms.botconfig import BotConfig
 from .platforms.kit import Backoff, spawn_owned
 from .ratelimit import RateLimiter
 from .ratelimit import describe as describe_limit
-from .replies import split_reply
+from .replies import render_image_links, split_reply
 from .runtime import HubWatch
 from .sessions import BusyPolicy, SessionManager, TurnStopped
 from .store import MAX_TURN_ATTEMPTS, Store
@@ -100,6 +101,23 @@ def turn_text(messages: list[InboundMessage]) -> str:
     return "\n".join(lines)
 
 
+def _transcriber(config: Config):
+    from .agent.transcribe import Transcriber
+    return Transcriber.from_config(config.agent)
+
+
+def _fit_files(files: list[dict], max_parts: int | None) -> tuple[list[dict], int | None]:
+    """Files and the text parts left for an answer on a platform that caps the replies per
+    message (QQ: 5): the text keeps at least one part; files past the cap are dropped (logged)."""
+    if max_parts is None or not files:
+        return files, max_parts
+    keep = files[:max(0, max_parts - 1)]
+    for f in files[len(keep):]:
+        log.warning("file not sent name=%s reason=reply_limit max_parts=%d", f.get("name"),
+                    max_parts)
+    return keep, max_parts - len(keep)
+
+
 class Gateway:
     def __init__(self, config: Config, *, agent: Agent | None = None,
                  adapter_factories: dict[str, AdapterFactory] | None = None,
@@ -133,6 +151,8 @@ class Gateway:
         self.stopped = gevent.event.Event()
         self.started_at: float | None = None
         self.status_server = None
+        self.media = MediaManager(config, self.store, self.adapters, self._spawn,
+                                  transcriber=_transcriber(config))
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> "Gateway":
@@ -143,6 +163,7 @@ class Gateway:
             from .agent import loop  # the LLM agent and its tool modules, loaded on demand
             self._agent = loop.build_agent(self.config)
         self.agent = self._agent
+        self.media.start()
         enabled = {b.label: b.config for b in self.config.platforms.bots()}
         for bot in self.config.platforms.bots():
             if bot.label not in self._factories:
@@ -249,11 +270,13 @@ class Gateway:
         refused = self._admit(msg)
         if refused is not None:
             return refused
+        self.media.mark_pending(msg)  # journaled as "pending"; fetched after the journal
         if not self.store.journal_inbound(msg):
             return self._duplicate(msg)
         metrics.messages_total.labels(msg.platform, msg.bot or msg.platform, "in").inc()
         log.info("inbound platform=%s bot=%s chat=%s msg=%s chars=%d", msg.platform, msg.bot,
                  msg.chat_id, msg.message_id, len(msg.text))
+        self.media.on_journaled(msg)  # downloads start now, in media's greenlets
         if self.sessions.accepting:
             self._dispatch(msg)
         return Delivery.NEW
@@ -358,11 +381,13 @@ class Gateway:
         bot, chat_id = batch[0].chat_key
         platform = batch[0].platform
         self.store.mark_processing(bot, [m.message_id for m in batch])
+        batch = self.media.ready(batch)  # attachments fetched (bounded wait) and transcribed
         text = turn_text(batch)
         max_history = self.config.agent.max_history if self.config.agent else 40
         adapter = self.adapters.get(bot)
         last = batch[-1]
         said = [""]  # the answer so far, kept in history if the turn is stopped
+        outbound = self.media.outbound(adapter)  # the send_file tool's files for this turn
 
         def on_progress(text_so_far: str) -> None:
             said[0] = text_so_far
@@ -375,7 +400,8 @@ class Gateway:
         turn = Turn(chat_key=(bot, chat_id), text=text,
                     history=self.store.history(bot, chat_id, max_history),
                     on_progress=on_progress,
-                    take_follow_ups=lambda: self._take_follow_ups(batch))
+                    take_follow_ups=lambda: self._take_follow_ups(batch),
+                    images=self.media.images(batch), send_file=outbound)
         started = time.monotonic()
         metrics.turns_in_flight.inc()
         state = "answered"
@@ -404,13 +430,14 @@ class Gateway:
         ok = state == "answered"
         text = turn_text(batch)  # steer: the follow-ups the turn took are part of it
         self._finish(batch, answer, state=state, user_text=text if ok else None,
-                     answer_text=answer if ok else None)
+                     answer_text=answer if ok else None, files=outbound.files if ok else ())
 
     def _take_follow_ups(self, batch: list[InboundMessage]) -> list[str]:
         """Busy mode steer: messages for this running turn, now part of its batch."""
         taken = self.sessions.take_follow_ups(batch)
         if not taken:
             return []
+        taken = self.media.ready(taken)  # their attachments, fetched like the turn's own
         self.store.mark_processing(taken[0].bot_key, [m.message_id for m in taken])
         log.info("follow-ups given to the running turn bot=%s chat=%s msgs=%d",
                  taken[0].bot_key, taken[0].chat_id, len(taken))
@@ -452,23 +479,33 @@ class Gateway:
                      answer_text=None)
 
     def _finish(self, batch: list[InboundMessage], answer: str, *, state: str,
-                user_text: str | None, answer_text: str | None) -> None:
+                user_text: str | None, answer_text: str | None, files=()) -> None:
         self._write_reply(batch[-1], answer, message_ids=[m.message_id for m in batch],
-                          state=state, user_text=user_text, answer_text=answer_text)
+                          state=state, user_text=user_text, answer_text=answer_text,
+                          files=files)
 
     def _write_reply(self, last: InboundMessage, answer: str | None, *, message_ids: list[str],
                      state: str, user_text: str | None = None,
-                     answer_text: str | None = None) -> None:
+                     answer_text: str | None = None, files=()) -> None:
         """One transaction: the reply to `last` (none when `answer` is None) into the outbox,
-        `message_ids` closed with `state`, history appended."""
+        then the files the agent sent (kind 'file'), `message_ids` closed with `state`, history
+        appended."""
         bot, chat_id = last.chat_key
         adapter = self.adapters.get(bot)
         chunk = adapter.reply_chunk_chars() if adapter else 2000
         max_parts = adapter.max_reply_parts() if adapter else 5
+        files, max_text_parts = _fit_files(list(files), max_parts)
+        if answer is not None and adapter is not None:
+            answer = render_image_links(answer, adapter.image_links)
         parts = [] if answer is None else [
             OutboundMessage(platform=last.platform, bot=last.bot, chat_id=chat_id, text=piece,
                             in_reply_to=last.message_id, reply_ref=last.reply_ref, seq=i)
-            for i, piece in enumerate(split_reply(answer, chunk, max_parts))]
+            for i, piece in enumerate(split_reply(answer, chunk, max_text_parts))]
+        parts += [OutboundMessage(platform=last.platform, bot=last.bot, chat_id=chat_id,
+                                  text=f.get("caption") or "", in_reply_to=last.message_id,
+                                  reply_ref=last.reply_ref, seq=len(parts) + i, kind="file",
+                                  file=f)
+                  for i, f in enumerate(files)]
         self.store.finish_turn(bot, chat_id, message_ids, parts,
                                user_text=user_text, answer_text=answer_text, state=state)
         metrics.outbox_pending.set(self.store.outbox_pending())
@@ -524,7 +561,7 @@ class Gateway:
 
     def _send_one(self, adapter: PlatformAdapter, out: OutboundMessage) -> bool:
         try:
-            adapter.send(out)
+            (adapter.send_file if out.kind == "file" else adapter.send)(out)
         except SendError as e:
             if e.retryable:
                 delay = e.retry_after if e.retry_after is not None else min(
@@ -600,6 +637,7 @@ class Gateway:
             retired.close()
         if self.agent is not None:
             self.agent.close()
+        self.media.close()
         if self.hub_watch is not None:
             self.hub_watch.stop()
         self.store.close()

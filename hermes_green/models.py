@@ -30,10 +30,25 @@ def split_bot_key(key: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Attachment:
-    """A non-text part of an inbound message: never downloaded by the gateway, only described."""
+    """A non-text part of an inbound message, as the adapter saw it and, once the gateway's
+    media module (hermes_green/media.py) fetched it, where its bytes are.
+
+    The adapter fills `kind`, `ref` (the platform's reference: url, media id, file key), `name`,
+    and what it knows besides: `mime` and `size` as declared, `transcript` when the platform
+    transcribed a voice message itself, `meta` for what the download needs (WeCom's per-file
+    aeskey). The gateway fills `status` ("pending" while the download runs, "stored" with `path`,
+    "failed" with `note` saying why) and a `transcript` from the transcription endpoint. All of
+    it is kept in the journal row, so a restart knows what was fetched and what was refused."""
     kind: str
     ref: str  # the platform's reference (url, media id, file key)
     name: str | None = None
+    mime: str | None = None
+    size: int | None = None
+    transcript: str | None = None
+    status: str | None = None  # None: only described | pending | stored | failed
+    path: str | None = None  # the stored file (absolute), when status == "stored"
+    note: str | None = None  # why it was not stored (failed), shown to the model
+    meta: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass
@@ -89,12 +104,42 @@ class OutboundMessage:
     outbox_id: int | None = None
     attempts: int = 0
     bot: str = ""
+    # kind "file": `file` holds {"path" (absolute, a copy the gateway keeps until it is sent),
+    # "name", "mime", "media" (image | file | voice | video), "caption", "size"}; `text` is the
+    # caption, and what a platform that cannot take the file shows instead.
+    kind: str = "text"
+    file: dict[str, Any] | None = None
 
     @property
     def bot_key(self) -> str:
         return bot_key(self.platform, self.bot)
 
 
+def _size_text(size: int | None) -> str:
+    if size is None:
+        return ""
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.0f} KB"
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+def describe_attachment(a: Attachment) -> str:
+    """What the agent reads in place of one non-text part. Only described (never fetched):
+    `[image: a.png]`; stored: kind, name, size, type and the path its tools may read; refused or
+    failed: why; a voice message with a transcript: the transcript as text."""
+    label = f"{a.kind}{': ' + a.name if a.name else ''}"
+    if a.transcript:
+        return f"[voice message, transcript: {a.transcript}]"
+    if a.status == "stored" and a.path:
+        details = ", ".join(x for x in (_size_text(a.size), a.mime) if x)
+        return f"[{label}{' (' + details + ')' if details else ''}, saved at {a.path}]"
+    if a.status in ("failed", "pending"):
+        return f"[{label}: not received: {a.note or 'download failed'}]"
+    return f"[{label}]"
+
+
 def attachment_placeholder(attachments: tuple[Attachment, ...] | list[Attachment]) -> str:
     """A short text the agent reads in place of the non-text parts, e.g. `[image: a.png]`."""
-    return " ".join(f"[{a.kind}{': ' + a.name if a.name else ''}]" for a in attachments)
+    return " ".join(describe_attachment(a) for a in attachments)

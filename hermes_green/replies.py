@@ -6,6 +6,8 @@ re-send after a restart sends exactly the same parts with the same sequence numb
 """
 from __future__ import annotations
 
+import re
+
 TRUNCATED = "\n…(answer truncated)"
 
 
@@ -37,3 +39,18 @@ def split_reply(text: str, max_chars: int, max_parts: int | None = None) -> list
         keep[-1] = last[: max_chars - len(TRUNCATED)].rstrip() + TRUNCATED
         parts = keep
     return parts
+
+
+_IMAGE_LINK = re.compile(r"!\[([^\]\n]*)\]\((https?://[^\s)]+)\)")
+
+
+def render_image_links(text: str, style: str) -> str:
+    """Markdown image links `![alt](https://...)` as the platform shows them best: "markdown"
+    keeps them (rendered as images), "bare" keeps the URL alone on its line (Discord and
+    Telegram show a preview of a lone link), "text" writes "alt: url"."""
+    if style == "markdown" or "![" not in text:
+        return text
+    if style == "bare":
+        return _IMAGE_LINK.sub(lambda m: m.group(2), text)
+    return _IMAGE_LINK.sub(lambda m: f"{m.group(1)}: {m.group(2)}" if m.group(1).strip()
+                           else m.group(2), text)

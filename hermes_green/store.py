@@ -38,7 +38,7 @@ from .models import InboundMessage, OutboundMessage, split_bot_key
 
 log = logging.getLogger("hermes_green.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # A message whose turn was started this many times without finishing (the process died each
 # time) is answered with an apology instead of being retried forever.
 MAX_TURN_ATTEMPTS = 3
@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     in_reply_to TEXT, seq INTEGER NOT NULL DEFAULT 0, reply_ref TEXT NOT NULL, text TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'dead')),
     attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, last_error TEXT,
-    created_at REAL NOT NULL);
+    created_at REAL NOT NULL, kind TEXT NOT NULL DEFAULT 'text', file TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_part ON outbox (bot, in_reply_to, seq)
     WHERE in_reply_to IS NOT NULL;
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (bot, state, next_attempt_at);
@@ -109,6 +109,11 @@ ALTER TABLE inbound_v3 RENAME TO inbound;
 
 PAIRING_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: read aloud, typed
 PAIRING_CODE_LENGTH = 8
+
+# Files in the outbox (schema 4): a row of kind 'file' carries its file as JSON (the path of
+# the gateway's own copy, name, type). Added to an older table by `_add_outbox_file_columns`,
+# which looks at the table rather than the version number, so it composes with other steps.
+_OUTBOX_FILE_COLUMNS = (("kind", "TEXT NOT NULL DEFAULT 'text'"), ("file", "TEXT"))
 
 
 class StoreError(Exception):
@@ -186,11 +191,13 @@ class Store:
             if version == 1:
                 for statement in filter(str.strip, _MIGRATE_V1.split(";")):
                     db.execute(statement)
-            if version in (1, 2):
+            if version in (1, 2):  # (v3 -> v4 only adds the outbox's file columns, below)
                 for statement in filter(str.strip, _MIGRATE_V2.split(";")):
                     db.execute(statement)
                 log.info("store migrated path=%s from_schema=%d to_schema=%d", self.path,
                          version, SCHEMA_VERSION)
+            if version is not None:
+                self._add_outbox_file_columns(db)
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -200,6 +207,16 @@ class Store:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _add_outbox_file_columns(self, db: sqlite3.Connection) -> None:
+        """Schema 4: outbox rows may carry a file. Adds the columns an older outbox lacks."""
+        have = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+        added = [name for name, _ in _OUTBOX_FILE_COLUMNS if name not in have]
+        for name, decl in _OUTBOX_FILE_COLUMNS:
+            if name in added:
+                db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
+        if added:
+            log.info("store migrated path=%s outbox_columns_added=%s", self.path, ",".join(added))
 
     def _open_error(self, e: sqlite3.Error) -> str:
         """One line for a failed open: what cannot be written, or why the file is unusable."""
@@ -290,6 +307,12 @@ class Store:
             (msg.bot_key, msg.message_id, msg.chat_id, state, msg.to_json(), now, now))
         return cur.rowcount == 1
 
+    def update_inbound(self, msg: InboundMessage) -> None:
+        """Rewrite a journaled message's payload (its attachments were fetched, refused or
+        transcribed): a restart then finds the stored files instead of fetching again."""
+        self.db.execute("UPDATE inbound SET payload=?, updated_at=? WHERE bot=? AND message_id=?",
+                        (msg.to_json(), self._clock(), msg.bot_key, msg.message_id))
+
     def mark_processing(self, bot: str, message_ids: Iterable[str]) -> None:
         now = self._clock()
         with self._tx():
@@ -323,9 +346,11 @@ class Store:
             for part in parts:
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO outbox (bot, chat_id, in_reply_to, seq,"
-                    " reply_ref, text, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                    " reply_ref, text, next_attempt_at, created_at, kind, file)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (part.bot_key, part.chat_id, part.in_reply_to, part.seq,
-                     json.dumps(part.reply_ref), part.text, now, now))
+                     json.dumps(part.reply_ref), part.text, now, now, part.kind,
+                     json.dumps(part.file) if part.file is not None else None))
                 if cur.rowcount == 1:
                     part.outbox_id = cur.lastrowid
                     ids.append(cur.lastrowid)
@@ -341,13 +366,25 @@ class Store:
     # -- outbox ------------------------------------------------------------------------------
     def outbox_due(self, bot: str, *, limit: int = 50) -> list[OutboundMessage]:
         rows = self.db.execute(
-            "SELECT id, chat_id, in_reply_to, seq, reply_ref, text, attempts FROM outbox"
-            " WHERE bot=? AND state='pending' AND next_attempt_at<=?"
+            "SELECT id, chat_id, in_reply_to, seq, reply_ref, text, attempts, kind, file"
+            " FROM outbox WHERE bot=? AND state='pending' AND next_attempt_at<=?"
             " ORDER BY id LIMIT ?", (bot, self._clock(), limit)).fetchall()
         platform, bot_id = split_bot_key(bot)
         return [OutboundMessage(platform=platform, bot=bot_id, chat_id=c, text=t, in_reply_to=r,
-                                seq=s, reply_ref=json.loads(ref), outbox_id=i, attempts=a)
-                for i, c, r, s, ref, t, a in rows]
+                                seq=s, reply_ref=json.loads(ref), outbox_id=i, attempts=a,
+                                kind=k, file=json.loads(f) if f else None)
+                for i, c, r, s, ref, t, a, k, f in rows]
+
+    def outbox_files(self) -> set[str]:
+        """Paths of the files pending rows still need (retention must not delete them)."""
+        paths = set()
+        for (raw,) in self.db.execute("SELECT file FROM outbox WHERE kind='file' AND"
+                                      " state='pending' AND file IS NOT NULL"):
+            try:
+                paths.add(json.loads(raw)["path"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return paths
 
     def outbox_next_due_at(self, bot: str) -> float | None:
         row = self.db.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE bot=?"

@@ -288,7 +288,8 @@ def test_build_agent_and_close(fake):
     agent = build_agent(config)
     try:
         assert isinstance(agent, LLMAgent)
-        assert agent.registry.names() == ["blocking_sleep", "count_primes", "hash_text", "spin"]
+        assert agent.registry.names() == ["blocking_sleep", "count_primes", "hash_text", "send_file",
+                                          "spin"]  # send_file: built in (agent.send_files)
         fake.script(tool_call("count_primes", limit=10), text("four"))
         assert agent.run_turn(turn("primes")) == "four"
         proc = agent.executors.processes.workers[0].proc

@@ -534,7 +534,7 @@ def test_progress_without_connection_or_reply_ref_is_a_no_op(fake):
     ("image", {"url": "https://x/img", "aeskey": "k"}, ["image"], "[image]"),
     ("file", {"url": "https://x/f", "aeskey": "k"}, ["file"], "[file]"),
     ("video", {"url": "https://x/v", "aeskey": "k"}, ["video"], "[video]"),
-    ("voice", {"content": "spoken words"}, ["voice"], "spoken words [voice]"),
+    ("voice", {"content": "spoken words"}, ["voice"], "[voice message, transcript: spoken words]"),
     ("mixed", {"msg_item": [{"msgtype": "text", "text": {"content": "look"}},
                             {"msgtype": "image", "image": {"url": "https://x/i2"}}]},
      ["image"], "look [image]"),

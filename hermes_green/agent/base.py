@@ -23,6 +23,20 @@ class Turn:
     # message. An agent with rounds (the LLM loop) asks after each tool round and gives them to
     # its next model call; an agent that never asks leaves them for the next turn.
     take_follow_ups: Callable[[], list[str]] = lambda: []
+    # Images the user sent, stored by the gateway: {"path", "mime", "name", "size"}; an agent
+    # with vision shows them to the model, others read the placeholders in `text`.
+    images: list[dict] = field(default_factory=list)
+    # send_file(path, caption) -> a line for the model: queues a file for the chat (sent after
+    # the answer, through the outbox); raises ValueError with the reason it refuses. None: the
+    # gateway offers no way to send files.
+    send_file: Callable[[str, str], str] | None = None
+
+
+@dataclass
+class ToolContext:
+    """What a tool declared with `takes_context` receives: the turn's chat and its ways out."""
+    chat_key: tuple[str, str]
+    send_file: Callable[[str, str], str] | None = None
 
 
 class TurnFailed(Exception):

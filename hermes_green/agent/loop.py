@@ -16,13 +16,14 @@ greenlets, which kill their process workers; the LLM response is closed by llm.p
 """
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from typing import Callable
 
 import gevent
 
-from .base import Agent, EchoAgent, Message, Turn, TurnFailed
+from .base import Agent, EchoAgent, Message, ToolContext, Turn, TurnFailed
 from .executors import Executors
 from .llm import Completion, LLMClient, LLMError, ToolCall
 from .tools import ToolRegistry, ToolResult, call_tool
@@ -74,6 +75,9 @@ class LLMAgent:
         self.config = config
         if registry is None:
             registry = ToolRegistry.from_modules(config.tools)
+            if getattr(config, "send_files", False):
+                from .file_tools import send_file
+                registry.add(send_file)
         self.registry = registry
         if executors is None:
             threads = executors_config.threads if executors_config is not None else None
@@ -109,8 +113,30 @@ class LLMAgent:
         keep = self.config.max_history
         for m in (history[-keep:] if keep > 0 else []):
             messages.append({"role": m["role"], "content": m["content"]})
-        messages.append({"role": "user", "content": turn.text})
+        parts = self._image_parts(turn) if getattr(self.config, "vision", False) else []
+        if parts:
+            messages.append({"role": "user",
+                             "content": [{"type": "text", "text": turn.text}, *parts]})
+        else:
+            messages.append({"role": "user", "content": turn.text})
         return messages
+
+    def _image_parts(self, turn: Turn) -> list[dict]:
+        """OpenAI-style `image_url` parts with data: URLs for the turn's images (those over
+        `vision_max_bytes` stay files: their placeholder in the text names the path)."""
+        parts = []
+        for image in turn.images:
+            size = image.get("size") or 0
+            if size > self.config.vision_max_bytes:
+                continue
+            try:
+                data = _data_url(image["path"], image["mime"])
+            except (OSError, KeyError, ValueError) as e:
+                log.warning("image not shown to the model path=%s error=%s", image.get("path"),
+                            type(e).__name__)
+                continue
+            parts.append({"type": "image_url", "image_url": {"url": data}})
+        return parts
 
     def _run(self, turn: Turn, started: float) -> str:
         platform, chat = turn.chat_key
@@ -142,7 +168,8 @@ class LLMAgent:
             rounds += 1
             calls += len(completion.tool_calls)
             messages.append(_assistant_message(completion))
-            results = self._run_tools(completion.tool_calls, turn.chat_key)
+            results = self._run_tools(completion.tool_calls, turn.chat_key,
+                                      ToolContext(turn.chat_key, turn.send_file))
             for call, result in zip(completion.tool_calls, results):
                 messages.append({"role": "tool", "tool_call_id": call.id,
                                  "content": result.content})
@@ -156,13 +183,14 @@ class LLMAgent:
                  platform, chat, rounds, calls, (time.monotonic() - started) * 1000, len(answer))
         return answer
 
-    def _run_tools(self, calls: list[ToolCall], chat_key: tuple[str, str]) -> list[ToolResult]:
+    def _run_tools(self, calls: list[ToolCall], chat_key: tuple[str, str],
+                   context: ToolContext | None = None) -> list[ToolResult]:
         """Run one round's calls concurrently; results in call order."""
         greenlets: list[gevent.Greenlet] = []
         try:
             for call in calls:
                 g = gevent.spawn(call_tool, self.registry, self.executors, call.name,
-                                 call.arguments, chat_key=chat_key)
+                                 call.arguments, chat_key=chat_key, context=context)
                 g.name = f"agent:tool:{call.name}"
                 greenlets.append(g)
             gevent.joinall(greenlets)
@@ -187,6 +215,21 @@ def _follow_ups(turn: Turn) -> list[str]:
     except Exception:  # noqa: BLE001  (a failing gateway callback never ends the turn)
         log.exception("take_follow_ups failed")
         return []
+
+
+_B64_CHUNK = 3 * 64 * 1024  # a multiple of 3: chunks encode to a prefix of the whole
+
+
+def _data_url(path: str, mime: str) -> str:
+    """`data:<mime>;base64,...` of a file: read in the threadpool, encoded in 192 KB pieces
+    with a yield between them, so a 5 MB image never holds the hub for more than a moment."""
+    from ..platforms.media import read_file
+    raw = read_file(path)
+    pieces = []
+    for i in range(0, len(raw), _B64_CHUNK):
+        pieces.append(base64.b64encode(raw[i:i + _B64_CHUNK]).decode("ascii"))
+        gevent.sleep(0)
+    return f"data:{mime};base64,{''.join(pieces)}"
 
 
 def _assistant_message(completion: Completion) -> dict:

@@ -62,13 +62,16 @@ class ToolSpec:
     """A tool's name, executor, limits, and (built on first use) its schema and validator."""
 
     def __init__(self, fn: Callable, *, name: str, executor: str, timeout_s: float,
-                 max_result_chars: int, description: str) -> None:
+                 max_result_chars: int, description: str, takes_context: bool = False) -> None:
         self.fn = fn
         self.name = name
         self.executor = executor
         self.timeout_s = timeout_s
         self.max_result_chars = max_result_chars
         self.description = description
+        # The tool's `context` parameter gets the turn's ToolContext (agent/base.py), never a
+        # value from the model; it is not part of the schema.
+        self.takes_context = takes_context
 
     def __repr__(self) -> str:
         return f"ToolSpec({self.name!r}, executor={self.executor!r}, timeout_s={self.timeout_s:g})"
@@ -83,6 +86,8 @@ class ToolSpec:
             fields: dict[str, Any] = {}
             docs = _param_docs(inspect.getdoc(self.fn) or "")
             for pname, param in inspect.signature(self.fn).parameters.items():
+                if self.takes_context and pname == "context":
+                    continue
                 if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                     raise ToolDefinitionError(f"tool {self.name!r}: *args/**kwargs are not "
                                               f"supported; name every parameter")
@@ -130,17 +135,20 @@ class ToolSpec:
 
 def tool(fn: Callable | None = None, *, executor: str = "thread",
          timeout_s: float = DEFAULT_TIMEOUT_S, name: str | None = None,
-         max_result_chars: int = DEFAULT_MAX_RESULT_CHARS):
-    """Mark a plain function as a tool. Usable bare (`@tool`) or with options (`@tool(...)`)."""
+         max_result_chars: int = DEFAULT_MAX_RESULT_CHARS, takes_context: bool = False):
+    """Mark a plain function as a tool. Usable bare (`@tool`) or with options (`@tool(...)`).
+    `takes_context`: the function's `context` parameter receives the turn's ToolContext (what
+    the turn lets a tool do besides returning text, e.g. send a file); inline/thread only."""
     def mark(func: Callable) -> Callable:
         spec = _make_spec(func, executor=executor, timeout_s=timeout_s, name=name,
-                          max_result_chars=max_result_chars)
+                          max_result_chars=max_result_chars, takes_context=takes_context)
         func.__hermes_tool__ = spec
         return func
     return mark(fn) if fn is not None else mark
 
 
-def _make_spec(func, *, executor, timeout_s, name, max_result_chars) -> ToolSpec:
+def _make_spec(func, *, executor, timeout_s, name, max_result_chars,
+               takes_context=False) -> ToolSpec:
     if not callable(func) or inspect.isclass(func):
         raise ToolDefinitionError(f"@tool expects a function, got {func!r}")
     tool_name = name or func.__name__
@@ -155,10 +163,15 @@ def _make_spec(func, *, executor, timeout_s, name, max_result_chars) -> ToolSpec
                                   or "<lambda>" in func.__qualname__):
         raise ToolDefinitionError(f"tool {tool_name!r}: a process tool must be a module-level "
                                   f"function (the worker imports it by name)")
+    if takes_context and (executor == "process"
+                          or "context" not in inspect.signature(func).parameters):
+        raise ToolDefinitionError(f"tool {tool_name!r}: takes_context needs a `context` "
+                                  f"parameter and an inline or thread executor")
     doc = inspect.getdoc(func) or ""
     description = _description(doc) or tool_name.replace("_", " ")
     return ToolSpec(func, name=tool_name, executor=executor, timeout_s=float(timeout_s),
-                    max_result_chars=max_result_chars, description=description)
+                    max_result_chars=max_result_chars, description=description,
+                    takes_context=takes_context)
 
 
 def get_spec(obj: Any) -> ToolSpec | None:
@@ -288,7 +301,7 @@ def _where(fn: Callable) -> str:
 # -- one call ---------------------------------------------------------------------------------
 
 def call_tool(registry: ToolRegistry, executors, name: str, arguments: str | dict | None, *,
-              chat_key: tuple[str, str] = ("-", "-")) -> ToolResult:
+              chat_key: tuple[str, str] = ("-", "-"), context: Any = None) -> ToolResult:
     """Run one tool call from the model and turn every outcome into the tool message's text.
 
     A tool that raises, times out, crashes its worker or returns something huge gives the model
@@ -303,6 +316,8 @@ def call_tool(registry: ToolRegistry, executors, name: str, arguments: str | dic
         kwargs = spec.validate(args)
     except ValueError as e:
         return ToolResult(f"Error: invalid arguments for {name}: {e}", ok=False)
+    if spec.takes_context:
+        kwargs["context"] = context
     started = time.monotonic()
     try:
         value = executors.run(spec.executor, spec.fn, (), kwargs, timeout_s=spec.timeout_s,

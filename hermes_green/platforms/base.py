@@ -27,8 +27,9 @@ import gevent.event
 import gevent.pool
 
 from .. import metrics
-from ..models import InboundMessage, OutboundMessage, bot_key
+from ..models import Attachment, InboundMessage, OutboundMessage, bot_key
 from .kit import Backoff, spawn_owned
+from .media import MediaRefused, MediaSource, OutboundFile
 
 log = logging.getLogger("hermes_green.platforms")
 
@@ -305,8 +306,38 @@ class PlatformAdapter:
         a typing indicator). The final text always goes through the outbox."""
 
     def max_reply_parts(self) -> int | None:
-        """How many messages one answer may be split into; None when unlimited."""
+        """How many messages one answer may be split into (files included); None: unlimited."""
         return None
+
+    # -- media (the gateway's media module calls these; see platforms/media.py) -----------------
+    # How the platform shows a markdown image link `![alt](url)` in a text reply: "markdown"
+    # (rendered as an image), "bare" (a URL alone is shown as an image: keep only the URL),
+    # "text" (shown as text: "alt: url"). The gateway rewrites answers accordingly.
+    image_links: ClassVar[str] = "text"
+
+    def media_source(self, att: Attachment, msg: InboundMessage) -> MediaSource:
+        """Where an attachment's bytes are. Runs in a download greenlet (never the reader), so
+        it may make REST calls. Default: the attachment's ref when it is a URL. Raise
+        MediaRefused(reason) for a file that cannot or must not be fetched."""
+        if att.ref.startswith(("https://", "http://")):
+            return MediaSource(att.ref, size=att.size, mime=att.mime, name=att.name)
+        raise MediaRefused(f"{self.name} does not let bots fetch this {att.kind}")
+
+    def max_upload_bytes(self, media: str) -> int | None:
+        """The largest file of that kind (image | file | voice | video) the platform takes from
+        a bot; None when unknown."""
+        return None
+
+    def send_file(self, out: OutboundMessage) -> None:
+        """Deliver one file (out.kind == "file"; OutboundFile.from_row(out.file)); return once
+        the platform accepted it, else raise SendError. Default, for platforms whose adapter
+        uploads nothing yet: the file is named in a text message instead."""
+        file = OutboundFile.from_row(out.file)
+        note = f"[file not attached: {file.name} (this chat cannot receive files from the bot)]"
+        self.send(OutboundMessage(
+            platform=out.platform, chat_id=out.chat_id, text=f"{out.text}\n{note}".strip(),
+            in_reply_to=out.in_reply_to, reply_ref=out.reply_ref, seq=out.seq,
+            outbox_id=out.outbox_id, attempts=out.attempts, bot=out.bot))
 
     def reply_chunk_chars(self) -> int:
         """Longest text of one reply message; longer answers are split into parts."""

@@ -30,6 +30,15 @@ topics/opcodes-and-status-codes.mdx, topics/rate-limits.mdx, resources/message.m
     leaving          a TCP cut, no close frame: a close with 1000/1001 would end the session
                      that a reconnect or a restart resumes (see `close_frame_on_leave`)
 
+    media in         MESSAGE_CREATE `attachments[]` {id, filename, size, url, content_type}; a
+                     voice message is an audio/ogg attachment (flags 1<<13). The CDN URL is
+                     signed and needs no token; the declared size is checked before fetching.
+    media out        POST /channels/{id}/messages as multipart/form-data: `payload_json` (the
+                     usual body plus `attachments: [{id: 0, filename}]`) and `files[0]`, with the
+                     part's nonce as for text (MSG "Uploading Files"); upload limit 10 MiB for
+                     bots in unboosted guilds (*unverified*: Discord lowered it in 2024; config
+                     `upload_limit_bytes`). A lone image URL in a text reply is shown as an image.
+
 Facts not confirmed against the live platform are marked *unverified*.
 """
 from __future__ import annotations
@@ -52,6 +61,7 @@ from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, Delivery, FatalPlatformError, JournalFailure, SendError
 from .botconfig import BotConfig
 from .kit import SkipFrame, clamp_interval, decode_json, is_int, json_object, retry_after_s, spawn_owned
+from .media import OutboundFile, read_file
 from .registry import PlatformSpec
 from .transports.websocket import CloseAction, WebSocketAdapter
 
@@ -93,6 +103,7 @@ _SNOWFLAKE = re.compile(r"^[0-9]{1,32}$")
 class DiscordConfig(BotConfig):
     token: SecretStr
     api_base: str = "https://discord.com/api/v10"
+    upload_limit_bytes: int = 10 * 1024 * 1024  # per file, what the bot's guilds allow
 
 
 def _snowflake(value: Any) -> str:
@@ -491,8 +502,12 @@ class DiscordAdapter(WebSocketAdapter):
                 self.log.warning("attachment skipped platform=discord msg=%s reason=no_url", msg_id)
                 continue
             ctype, filename = item.get("content_type"), item.get("filename")
-            found.append(Attachment(kind=attachment_kind(ctype if isinstance(ctype, str) else ""),
-                                    ref=url, name=filename if isinstance(filename, str) else None))
+            ctype = ctype if isinstance(ctype, str) else ""
+            size = item.get("size")
+            found.append(Attachment(kind=attachment_kind(ctype), ref=url,
+                                    name=filename if isinstance(filename, str) else None,
+                                    mime=ctype.split(";")[0] or None,
+                                    size=size if is_int(size) and size >= 0 else None))
         return tuple(found)
 
     # -- closes --------------------------------------------------------------------------------
@@ -515,7 +530,7 @@ class DiscordAdapter(WebSocketAdapter):
 
     # -- REST ----------------------------------------------------------------------------------
     def _rest(self, method: str, route: str, path: str, major: str, body: dict | None = None,
-              *, max_wait_s: float) -> requests.Response:
+              *, max_wait_s: float, files: dict | None = None) -> requests.Response:
         """One REST call inside its rate limits: waits up to `max_wait_s` for the bucket, else
         raises RateLimited without calling; a 429 answer raises RateLimited too. Raises
         requests.RequestException for network failures. A 401 stops this bot (the token is
@@ -527,8 +542,13 @@ class DiscordAdapter(WebSocketAdapter):
             gevent.sleep(wait)
         self.limits.take(route, major)
         auth = {"Authorization": f"Bot {self.config.token.get_secret_value()}"}
-        resp = self._http.request(method, self._api_base + path, json=body, headers=auth,
-                                  timeout=REST_TIMEOUT)
+        if files:  # multipart: the JSON body travels as payload_json beside the files
+            resp = self._http.request(method, self._api_base + path, headers=auth,
+                                      data={"payload_json": json.dumps(body)}, files=files,
+                                      timeout=REST_TIMEOUT)
+        else:
+            resp = self._http.request(method, self._api_base + path, json=body, headers=auth,
+                                      timeout=REST_TIMEOUT)
         answer = json_object(resp) if resp.status_code >= 400 else {}
         retry = self.limits.update(route, major, resp.status_code, resp.headers, answer)
         if retry is not None:
@@ -546,6 +566,34 @@ class DiscordAdapter(WebSocketAdapter):
 
     def reply_chunk_chars(self) -> int:
         return MAX_CONTENT_CHARS
+
+    image_links = "bare"  # a lone image URL is embedded as the image
+
+    def max_upload_bytes(self, media: str) -> int | None:
+        return self.config.upload_limit_bytes
+
+    def send_file(self, out: OutboundMessage) -> None:
+        file = OutboundFile.from_row(out.file)
+        ref = out.reply_ref or {}
+        channel_id = _snowflake(ref.get("channel_id")) or _snowflake(out.chat_id)
+        reply_to = _snowflake(ref.get("message_id")) or _snowflake(out.in_reply_to)
+        if not channel_id:
+            raise SendError("no channel to send to", retryable=False)
+        try:
+            data = read_file(file.path, self.config.upload_limit_bytes)
+        except (OSError, ValueError) as e:
+            raise SendError(f"file unusable: {type(e).__name__}", retryable=False) from None
+        body: dict[str, Any] = {"content": out.text[:MAX_CONTENT_CHARS],
+                                "attachments": [{"id": 0, "filename": file.name}],
+                                "allowed_mentions": {"parse": []}}
+        part_of = reply_to or (f"outbox-{out.outbox_id}" if out.outbox_id is not None else "")
+        if part_of:
+            body.update(nonce=nonce_for(self.bot_id, part_of, out.seq), enforce_nonce=True)
+        if reply_to:
+            body["message_reference"] = {"message_id": reply_to, "fail_if_not_exists": False}
+        self._call_for_send("POST", "POST /channels/{id}/messages",
+                            f"/channels/{channel_id}/messages", channel_id, body,
+                            files={"files[0]": (file.name, data, file.mime)})
 
     def send(self, out: OutboundMessage) -> None:
         ref = out.reply_ref or {}
@@ -595,13 +643,13 @@ class DiscordAdapter(WebSocketAdapter):
                        channel_id, message_id, sent_as)
 
     def _call_for_send(self, method: str, route: str, path: str, channel_id: str,
-                       body: dict) -> dict:
+                       body: dict, files: dict | None = None) -> dict:
         """A REST call the outbox waits for: rate limits are waited out inline (up to
         SEND_RATE_WAIT_MAX_S, SEND_ATTEMPTS times), then handed back to the outbox."""
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
                 resp = self._rest(method, route, path, channel_id, body,
-                                  max_wait_s=SEND_RATE_WAIT_MAX_S)
+                                  max_wait_s=SEND_RATE_WAIT_MAX_S, files=files)
             except RateLimited as e:
                 if attempt == SEND_ATTEMPTS or e.retry_after > SEND_RATE_WAIT_MAX_S:
                     raise SendError(str(e), retry_after=e.retry_after) from None

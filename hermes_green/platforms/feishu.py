@@ -15,6 +15,30 @@ The protocol, as this module speaks it:
                     (message_id, seq): Feishu lets one uuid succeed once per hour, so an outbox
                     re-send after a crash or restart is not a second answer.
 
+Media and progress (open.feishu.cn docs; lark-oapi's api/im/v1 and api/cardkit/v1 models for
+the paths and fields):
+    media in        GET /open-apis/im/v1/messages/{message_id}/resources/{file_key}?type=image|file
+                    with the tenant token (image keys: type=image; file, audio and video keys:
+                    type=file); stickers cannot be fetched by bots. No transcript is sent.
+    send_file       POST /open-apis/im/v1/images (multipart image_type=message, image <= 10 MB)
+                    -> image_key, or /open-apis/im/v1/files (file_type opus|mp4|pdf|doc|xls|
+                    ppt|stream, file_name, file <= 30 MB) -> file_key; then the reply with
+                    msg_type image|file and the part's uuid, as for text.
+    progress        a streaming card (CardKit, cardkit-v1 streaming-updates-openapi-overview):
+                    POST /open-apis/cardkit/v1/cards {type: card_json, data: JSON 2.0 card with
+                    config.streaming_mode true and one markdown element} -> card_id; the card
+                    is sent once, as the reply (msg_type interactive, content {"type": "card",
+                    "data": {"card_id"}}); then PUT .../cards/{id}/elements/{element}/content
+                    {content: the full text so far, sequence} at most every
+                    `card_update_interval_s`; `sequence` strictly increases over every
+                    operation on the card (300317 otherwise), so it is kept in saved_state with
+                    the card id and a restart continues it. The outbox's first part finishes
+                    the card: the exact final text, then PATCH .../cards/{id}/settings
+                    {settings: {"config": {"streaming_mode": false}}, sequence}. The final text
+                    goes out once, through the outbox, whatever happened to the updates: a card
+                    that cannot be finished (expired, streaming closed after 10 minutes) leaves
+                    the answer to a plain reply.
+
 Frames are decoded with the `Frame` class lark-oapi generates (lark_oapi/ws/pb/pbbp2_pb2.py), but
 loaded without the SDK's package `__init__` (see `load_frame_class`): on this machine the full
 `import lark_oapi` costs 3.4-4.6 s CPU and +167 MB RSS, the frame module alone 0.02-0.03 s and
@@ -32,19 +56,22 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, urlparse
 
 import requests
 import websocket
 
-from pydantic import SecretStr
+import gevent
+import gevent.lock
+from pydantic import Field, SecretStr
 
 from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, FatalPlatformError, JournalFailure, PlatformError, SendError, State
 from .botconfig import BotConfig
-from .kit import CachedToken
+from .kit import CachedToken, spawn_owned
+from .media import MediaRefused, MediaSource, OutboundFile, read_file
 from .registry import PlatformSpec
 from .transports.websocket import MAX_FRAME_BYTES, WebSocketAdapter
 
@@ -109,6 +136,16 @@ ENDPOINT_PATH = "/callback/ws/endpoint"
 TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
 BOT_INFO_PATH = "/open-apis/bot/v3/info"
 MESSAGES_PATH = "/open-apis/im/v1/messages"
+IMAGES_PATH = "/open-apis/im/v1/images"
+FILES_PATH = "/open-apis/im/v1/files"
+CARDS_PATH = "/open-apis/cardkit/v1/cards"
+CARD_ELEMENT = "answer"  # the markdown element the streamed text goes into
+IMAGE_LIMIT = 10 * 1024 * 1024  # im/v1/images
+FILE_LIMIT = 30 * 1024 * 1024  # im/v1/files
+FILE_TYPES = {".pdf": "pdf", ".doc": "doc", ".docx": "doc", ".xls": "xls", ".xlsx": "xls",
+              ".ppt": "ppt", ".pptx": "ppt", ".mp4": "mp4", ".opus": "opus"}  # else "stream"
+CARD_GONE_CODES = frozenset({200740, 200750, 200850, 300309})  # unknown, expired, closed
+CARD_STATE_PREFIX = "card:"
 
 METHOD_CONTROL, METHOD_DATA = 0, 1
 ACK_PAYLOAD = b'{"code": 200}'
@@ -188,10 +225,30 @@ class FeishuApi:
                 self.invalidate_token(token)
         raise AssertionError("unreachable")
 
-    def _request(self, method, path, body, params, headers, what) -> dict:
+    def upload(self, path: str, fields: dict, files: dict, *, what: str) -> dict:
+        """A multipart POST with the tenant token (refreshed once on a refused token)."""
+        for attempt in (1, 2):
+            token = self.tenant_token()
+            try:
+                return self._request("POST", path, None, None,
+                                     {"Authorization": f"Bearer {token}"}, what,
+                                     data=fields, files=files)
+            except ApiError as e:
+                if not (e.auth_error and attempt == 1):
+                    raise
+                self.invalidate_token(token)
+        raise AssertionError("unreachable")
+
+    def _request(self, method, path, body, params, headers, what, *, data=None,
+                 files=None) -> dict:
         try:
-            resp = self.http.request(method, self.domain + path, json=body, params=params,
-                                     headers=headers, timeout=self.timeout_s)
+            if files is not None:
+                resp = self.http.request(method, self.domain + path, data=data, files=files,
+                                         params=params, headers=headers,
+                                         timeout=max(self.timeout_s, 60.0))
+            else:
+                resp = self.http.request(method, self.domain + path, json=body, params=params,
+                                         headers=headers, timeout=self.timeout_s)
         except requests.RequestException as e:
             raise ApiError(what, msg=type(e).__name__, retryable=True) from None
         try:
@@ -434,6 +491,24 @@ class FeishuConfig(BotConfig):
     app_id: str
     app_secret: SecretStr
     domain: str = "https://open.feishu.cn"
+    # Progress as a streaming card (needs the app's cardkit:card:write permission; without it
+    # the first refusal turns cards off for this bot and answers come as plain replies).
+    streaming_card: bool = True
+    card_update_interval_s: float = Field(0.5, ge=0.1)  # CardKit: at most 10 ops/s per card
+
+
+@dataclass
+class _Card:
+    """The streaming card answering one message."""
+    message_id: str
+    lock: gevent.lock.Semaphore = field(default_factory=gevent.lock.Semaphore)
+    card_id: str | None = None
+    sequence: int = 0
+    shown: str = ""
+    text: str = ""
+    last_update: float = float("-inf")
+    done: bool = False
+    worker: Any = None
 
 
 class FeishuAdapter(WebSocketAdapter):
@@ -454,6 +529,8 @@ class FeishuAdapter(WebSocketAdapter):
         self.client_config: dict[str, Any] = {}
         self.service_id = 0
         self.device_id = ""
+        self._cards: dict[str, _Card] = {}
+        self._cards_off = not config.streaming_card
 
     @classmethod
     def check(cls, config, *, full: bool = False) -> str:
@@ -650,25 +727,216 @@ class FeishuAdapter(WebSocketAdapter):
     def on_disconnect(self, lost: ConnectionLost) -> None:
         self.parts.clear()  # unacked: the server sends the whole event again
 
+    # -- media --------------------------------------------------------------------------------
+    def media_source(self, att: Attachment, msg: InboundMessage) -> MediaSource:
+        if att.kind == "other":
+            raise MediaRefused("this kind of message has no file to fetch")
+        if att.name == "sticker":
+            raise MediaRefused("Feishu does not let bots download stickers")
+        kind = "image" if att.kind == "image" else "file"
+        token = self.api.tenant_token()
+        path = (f"{self.config.domain.rstrip('/')}{MESSAGES_PATH}/"
+                f"{quote(msg.message_id, safe='')}/resources/{quote(att.ref, safe='')}"
+                f"?type={kind}")
+        return MediaSource(path, headers={"Authorization": f"Bearer {token}"}, name=att.name,
+                           mime=att.mime)
+
+    def max_upload_bytes(self, media: str) -> int | None:
+        return IMAGE_LIMIT if media == "image" else FILE_LIMIT
+
+    def send_file(self, out: OutboundMessage) -> None:
+        file = OutboundFile.from_row(out.file)
+        try:
+            data = read_file(file.path, FILE_LIMIT)
+        except (OSError, ValueError) as e:
+            raise SendError(f"file unusable: {type(e).__name__}", retryable=False) from None
+        self.api.timeout_s = self.rest_timeout_s
+        try:
+            if file.media == "image" and len(data) <= IMAGE_LIMIT:
+                answer = self.api.upload(IMAGES_PATH, {"image_type": "message"},
+                                         {"image": (file.name, data, file.mime)}, what="image")
+                msg_type, content = "image", {"image_key": answer["data"]["image_key"]}
+            else:
+                ext = os.path.splitext(file.name)[1].lower()
+                answer = self.api.upload(FILES_PATH, {"file_type": FILE_TYPES.get(ext, "stream"),
+                                                      "file_name": file.name},
+                                         {"file": (file.name, data, file.mime)}, what="file")
+                msg_type, content = "file", {"file_key": answer["data"]["file_key"]}
+        except (KeyError, TypeError):
+            raise SendError("upload answered without a key") from None
+        except ApiError as e:
+            raise SendError(str(e), retryable=e.retryable, retry_after=e.retry_after) from None
+        self._post(out, msg_type, content, what="file")
+
+    # -- progress: the streaming card ------------------------------------------------------
+    def progress(self, reply_ref: dict, text_so_far: str) -> None:
+        message_id = reply_ref.get("message_id") if isinstance(reply_ref, dict) else None
+        if self._cards_off or not message_id or not self.ready.is_set():
+            return
+        text = (text_so_far or "").strip()[:self.reply_chunk_chars()]
+        if not text:
+            return
+        card = self._cards.get(message_id)
+        if card is None:
+            card = self._cards[message_id] = _Card(message_id)
+            while len(self._cards) > 512:
+                self._cards.pop(next(iter(self._cards))).done = True
+        if card.done:
+            return
+        card.text = text
+        if card.worker is None or card.worker.dead:
+            card.worker = spawn_owned(self.background, self._push_card, card,
+                                      name=f"feishu:{self.bot_id}:card", log=self.log)
+
+    def _push_card(self, card: _Card) -> None:
+        """Show the newest text, at most every card_update_interval_s, until nothing is new."""
+        while not card.done:
+            gevent.sleep(max(0.0, card.last_update + self.config.card_update_interval_s
+                             - time.monotonic()))
+            text = card.text
+            if text == card.shown:
+                return
+            with card.lock:
+                if card.done:
+                    return
+                card.last_update = time.monotonic()
+                try:
+                    if card.card_id is None:
+                        self._open_card(card, text)
+                    else:
+                        self._card_content(card, text)
+                    card.shown = text
+                except ApiError as e:
+                    self.log.info("card update failed platform=feishu msg=%s code=%s error=%s",
+                                  card.message_id, e.code, e)
+                    if card.card_id is None and not e.retryable:
+                        # no card at all (permission missing?): plain replies from now on
+                        self._cards_off = True
+                        self.log.warning("streaming cards off platform=feishu bot=%s reason=%s",
+                                         self.bot_id, e)
+                    card.done = card.card_id is None or e.code in CARD_GONE_CODES
+                    return
+
+    def _open_card(self, card: _Card, text: str) -> None:
+        data = {"schema": "2.0",
+                "config": {"streaming_mode": True, "update_multi": True,
+                           "streaming_config": {"print_frequency_ms": {"default": 30},
+                                                "print_step": {"default": 2},
+                                                "print_strategy": "fast"}},
+                "body": {"elements": [{"tag": "markdown", "content": text,
+                                       "element_id": CARD_ELEMENT}]}}
+        answer = self.api.call("POST", CARDS_PATH, what="card_create", body={
+            "type": "card_json", "data": json.dumps(data, ensure_ascii=False)})
+        card_id = (answer.get("data") or {}).get("card_id")
+        if not isinstance(card_id, str) or not card_id:
+            raise ApiError("card_create", msg="no card_id in the answer")
+        path = f"{MESSAGES_PATH}/{quote(card.message_id, safe='')}/reply"
+        self.api.call("POST", path, what="card_reply", body={
+            "msg_type": "interactive", "uuid": reply_uuid(f"card:{card.message_id}", 0),
+            "content": json.dumps({"type": "card", "data": {"card_id": card_id}})})
+        card.card_id = card_id
+        self._save_card(card)
+
+    def _card_content(self, card: _Card, text: str) -> None:
+        card.sequence += 1
+        self._save_card(card)  # a sequence is never used twice, even across a crash
+        self.api.call("PUT", f"{CARDS_PATH}/{card.card_id}/elements/{CARD_ELEMENT}/content",
+                      what="card_content", body={"content": text, "sequence": card.sequence})
+
+    def _close_card(self, card: _Card, text: str) -> None:
+        self._card_content(card, text)
+        card.sequence += 1
+        self._save_card(card)
+        settings = {"config": {"streaming_mode": False, "summary": {"content": text[:60]}}}
+        self.api.call("PATCH", f"{CARDS_PATH}/{card.card_id}/settings", what="card_settings",
+                      body={"settings": json.dumps(settings, ensure_ascii=False),
+                            "sequence": card.sequence})
+
+    def _save_card(self, card: _Card) -> None:
+        value = None if card.card_id is None else json.dumps(
+            {"card_id": card.card_id, "sequence": card.sequence})
+        try:
+            self.saved_state.put(CARD_STATE_PREFIX + card.message_id, value)
+        except Exception as e:  # a restart then answers with a plain reply
+            self.log.warning("card state not saved platform=feishu error=%s", type(e).__name__)
+
+    def _card_for(self, message_id: str) -> _Card | None:
+        """The card of an answer: this run's, or the one a previous run saved."""
+        card = self._cards.get(message_id)
+        if card is not None:
+            return card if card.card_id is not None else None
+        try:
+            saved = json.loads(self.saved_state.get(CARD_STATE_PREFIX + message_id) or "null")
+        except (ValueError, TypeError):
+            saved = None
+        if not isinstance(saved, dict) or not isinstance(saved.get("card_id"), str):
+            return None
+        card = _Card(message_id, card_id=saved["card_id"],
+                     sequence=int(saved.get("sequence") or 0) + 1)  # +1: one may be in flight
+        self._cards[message_id] = card
+        return card
+
+    def _finish_card(self, out: OutboundMessage, message_id: str) -> bool:
+        """Part 0 of an answer that streamed: finish its card with the exact final text. False:
+        no usable card (the caller sends a plain reply)."""
+        card = self._card_for(message_id)
+        if card is None:
+            self._cards.pop(message_id, None)
+            return False
+        with card.lock:
+            card.done = True
+            try:
+                self._close_card(card, out.text)
+            except ApiError as e:
+                if e.retryable:
+                    card.done = False
+                    raise SendError(str(e), retryable=True, retry_after=e.retry_after) from None
+                self.log.info("card not finished platform=feishu msg=%s code=%s: plain reply",
+                              message_id, e.code)
+                self._forget_card(card)
+                return False
+        self._forget_card(card)
+        return True
+
+    def _forget_card(self, card: _Card) -> None:
+        card.done = True
+        self._cards.pop(card.message_id, None)
+        try:
+            self.saved_state.put(CARD_STATE_PREFIX + card.message_id, None)
+        except Exception:
+            pass
+
     # -- replies --------------------------------------------------------------------------
     def send(self, out: OutboundMessage) -> None:
         message_id = out.reply_ref.get("message_id") or out.in_reply_to
-        content = json.dumps({"text": out.text}, ensure_ascii=False)
+        if out.seq == 0 and message_id:
+            card = self._cards.get(message_id)
+            if card is not None:
+                card.done = True  # no progress after the answer
+                with card.lock:  # an update in flight (a card being opened) finishes first
+                    pass
+            if self._finish_card(out, message_id):
+                return
+        self._post(out, "text", {"text": out.text}, what="reply")
+
+    def _post(self, out: OutboundMessage, msg_type: str, content_obj: dict, *, what: str) -> None:
+        message_id = out.reply_ref.get("message_id") or out.in_reply_to
+        content = json.dumps(content_obj, ensure_ascii=False)
         if message_id:
             path = f"{MESSAGES_PATH}/{quote(str(message_id), safe='')}/reply"
-            body, params = {"msg_type": "text", "content": content}, None
+            body, params = {"msg_type": msg_type, "content": content}, None
         else:  # nothing to reply to: a plain message to the chat
             path, params = MESSAGES_PATH, {"receive_id_type": "chat_id"}
-            body = {"receive_id": out.chat_id, "msg_type": "text", "content": content}
+            body = {"receive_id": out.chat_id, "msg_type": msg_type, "content": content}
         key = _idempotency_key(out, message_id)
         if key is not None:
             body["uuid"] = reply_uuid(key, out.seq)
         self.api.timeout_s = self.rest_timeout_s
         try:
-            self.api.call("POST", path, body=body, params=params, what="reply")
+            self.api.call("POST", path, body=body, params=params, what=what)
         except ApiError as e:
-            self.log.warning("reply failed platform=%s chat=%s msg=%s seq=%d retryable=%s "
-                             "error=%s", self.name, out.chat_id, message_id, out.seq,
+            self.log.warning("%s failed platform=%s chat=%s msg=%s seq=%d retryable=%s "
+                             "error=%s", what, self.name, out.chat_id, message_id, out.seq,
                              e.retryable, e)
             raise SendError(str(e), retryable=e.retryable, retry_after=e.retry_after) from None
 

@@ -30,10 +30,24 @@ The protocol, as this module speaks it (shared/PROTOCOLS.md, "QQ Bot"):
                    proactive send has no dedupe key on the wire: a crash between the server
                    accepting it and the outbox row being deleted can repeat it.
 
+Media (botpy api.py post_c2c_file / post_group_file and the platform's rich-media docs; users'
+reports for `file_data` and `asr_refer_text`):
+    in             message `attachments[]`: {content_type ("image/jpeg", "voice", "video/mp4",
+                   "file"), url (sometimes "//host/..."), filename, size}; voice also carries
+                   `asr_refer_text` (the platform's transcript: handed up as text, no audio
+                   fetched) and `voice_wav_url` (the audio as WAV, fetched when there is no
+                   transcript). URLs need no token.
+    out            POST /v2/users|groups/{openid}/files {file_type 1 image (png/jpg) | 2 video
+                   (mp4) | 3 voice (silk), file_data (base64), srv_send_msg: false} ->
+                   {file_uuid, file_info, ttl}; then the reply {msg_type: 7, media: {file_info},
+                   msg_id, msg_seq} like a text part (the same 5-replies rule and window).
+                   file_type 4 (any file) is "not open" to bots (botpy's docs): other files
+                   go out as a text line naming them.
 Facts not verified against the live platform are marked *unverified*.
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import time
@@ -48,6 +62,7 @@ from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, FatalPlatformError, JournalFailure, SendError
 from .botconfig import BotConfig
 from .kit import CachedToken, is_int, json_object, retry_after_s
+from .media import MediaRefused, MediaSource, OutboundFile, read_file
 from .registry import PlatformSpec
 from .transports.websocket import CloseAction, WebSocketAdapter
 
@@ -100,6 +115,8 @@ MIN_HEARTBEAT_S = 0.05  # a Hello announcing less is clamped (the platform says 
 HANDSHAKE_TIMEOUT_S = 20.0  # connect -> READY/RESUMED, else the connection is a zombie
 MAX_ATTACHMENTS = 20
 MAX_ID_CHARS = 512
+FILE_TYPES = {"image": 1, "video": 2}  # rich media a bot may send (3 voice needs SILK)
+UPLOAD_LIMITS = {"image": 10 * 1024 * 1024, "video": 10 * 1024 * 1024}  # *unverified*
 
 
 def _nonempty_str(value: Any) -> str:
@@ -397,11 +414,61 @@ class QQBotAdapter(WebSocketAdapter):
                 self.log.warning("attachment skipped platform=qqbot msg=%s reason=no_url", msg_id)
                 continue
             content_type = item.get("content_type")
+            content_type = content_type if isinstance(content_type, str) else ""
             filename = item.get("filename")
+            kind = attachment_kind(content_type)
+            asr = item.get("asr_refer_text")
+            wav = item.get("voice_wav_url")
+            size = item.get("size")
             found.append(Attachment(
-                kind=attachment_kind(content_type if isinstance(content_type, str) else ""),
-                ref=url, name=filename if isinstance(filename, str) and filename else None))
+                kind=kind, ref=_absolute(url),
+                name=filename if isinstance(filename, str) and filename else None,
+                mime=content_type if "/" in content_type else None,
+                size=size if is_int(size) and size >= 0 else None,
+                transcript=asr.strip() if kind == "voice" and isinstance(asr, str)
+                and asr.strip() else None,
+                meta={"wav": _absolute(wav)} if isinstance(wav, str) and wav else {}))
         return tuple(found)
+
+    # -- media ---------------------------------------------------------------------------------
+    def media_source(self, att: Attachment, msg: InboundMessage) -> MediaSource:
+        url = att.meta.get("wav") if att.kind == "voice" and att.meta.get("wav") else att.ref
+        if not url.startswith(("https://", "http://")):
+            raise MediaRefused("the attachment has no download link")
+        return MediaSource(url, size=att.size, mime=att.mime, name=att.name)
+
+    def max_upload_bytes(self, media: str) -> int | None:
+        return UPLOAD_LIMITS.get(media, 0) or None
+
+    def send_file(self, out: OutboundMessage) -> None:
+        file = OutboundFile.from_row(out.file)
+        file_type = FILE_TYPES.get(file.media)
+        if file_type is None:  # QQ bots cannot send arbitrary files: say which one it was
+            note = f"[{file.name}: QQ does not let bots send this kind of file]"
+            return self.send(OutboundMessage(
+                platform=out.platform, chat_id=out.chat_id, text=f"{out.text}\n{note}".strip(),
+                in_reply_to=out.in_reply_to, reply_ref=out.reply_ref, seq=out.seq,
+                outbox_id=out.outbox_id, bot=out.bot))
+        ref = out.reply_ref or {}
+        kind, openid = ref.get("kind"), _nonempty_str(ref.get("openid"))
+        if not (openid and kind in ("c2c", "group")):
+            raise SendError("reply_ref lacks kind/openid", retryable=False)
+        try:
+            data = read_file(file.path, UPLOAD_LIMITS[file.media])
+        except (OSError, ValueError) as e:
+            raise SendError(f"file unusable: {type(e).__name__}", retryable=False) from None
+        base = f"/v2/users/{quote(openid, safe='')}" if kind == "c2c" \
+            else f"/v2/groups/{quote(openid, safe='')}"
+        resp = self._rest_call("POST", base + "/files", {
+            "file_type": file_type, "file_data": base64.b64encode(data).decode("ascii"),
+            "srv_send_msg": False}, "upload")
+        info = json_object(resp).get("file_info")
+        if resp.status_code >= 300 or not isinstance(info, str) or not info:
+            raise self._send_error(resp, proactive=False, what="upload")
+        body: dict[str, Any] = {"msg_type": 7, "media": {"file_info": info}}
+        if out.text.strip():
+            body["content"] = out.text
+        self._deliver(out, body)
 
     # -- closes and session --------------------------------------------------------------------
     def close_action(self, code: int | None) -> CloseAction:
@@ -493,6 +560,11 @@ class QQBotAdapter(WebSocketAdapter):
         return REPLY_CHUNK_CHARS
 
     def send(self, out: OutboundMessage) -> None:
+        self._deliver(out, {"msg_type": 0, "content": out.text})
+
+    def _deliver(self, out: OutboundMessage, body: dict[str, Any]) -> None:
+        """One reply part (text, or rich media by file_info): passive within the message's
+        window with msg_seq = part + 1, proactive after it."""
         ref = out.reply_ref or {}
         msg_id, kind = _nonempty_str(ref.get("msg_id")), ref.get("kind")
         openid = _nonempty_str(ref.get("openid"))
@@ -505,21 +577,14 @@ class QQBotAdapter(WebSocketAdapter):
         msg_seq = out.seq + 1
         path = (f"/v2/users/{quote(openid, safe='')}/messages" if kind == "c2c"
                 else f"/v2/groups/{quote(openid, safe='')}/messages")
-        body: dict[str, Any] = {"msg_type": 0, "content": out.text}
+        body = dict(body)
         proactive = not self._within_passive_window(ref, kind)
         if proactive:
             self.log.info("reply past the passive window platform=qqbot chat=%s msg=%s "
                           "part=%d: sending proactively", out.chat_id, msg_id, out.seq)
         else:
             body.update(msg_id=msg_id, msg_seq=msg_seq)
-        try:
-            resp = self._api("POST", path, body, label="reply")
-        except requests.RequestException as e:
-            raise SendError(f"reply request failed: {type(e).__name__}") from None
-        except ConnectionLost as e:
-            raise SendError(f"no access token: {e}") from None
-        except FatalPlatformError as e:
-            raise SendError(str(e), retryable=False) from None
+        resp = self._rest_call("POST", path, body, "reply")
         status, answer = resp.status_code, json_object(resp)
         codes = {answer.get("code"), answer.get("err_code")}
         if 200 <= status < 300:
@@ -528,15 +593,40 @@ class QQBotAdapter(WebSocketAdapter):
             self.log.info("reply already delivered platform=qqbot chat=%s msg=%s msg_seq=%d",
                           out.chat_id, msg_id, msg_seq)
             return
-        detail = f"HTTP {status} code {answer.get('code')}: {str(answer.get('message'))[:120]}"
         if proactive and 400 <= status < 500 and status != 429:
-            raise SendError(f"proactive reply refused ({detail}): the passive window of "
+            raise SendError(f"proactive reply refused ({_detail(resp)}): the passive window of "
                             f"{msg_id} had passed", retryable=False)
+        raise self._send_error(resp, proactive=proactive, what="reply")
+
+    def _rest_call(self, method: str, path: str, body: dict, label: str) -> requests.Response:
+        try:
+            return self._api(method, path, body, label=label)
+        except requests.RequestException as e:
+            raise SendError(f"{label} request failed: {type(e).__name__}") from None
+        except ConnectionLost as e:
+            raise SendError(f"no access token: {e}") from None
+        except FatalPlatformError as e:
+            raise SendError(str(e), retryable=False) from None
+
+    @staticmethod
+    def _send_error(resp: requests.Response, *, proactive: bool, what: str) -> SendError:
+        status, detail = resp.status_code, _detail(resp)
         if status == 429:
-            raise SendError(f"rate limited ({detail})", retry_after=retry_after_s(resp.headers))
+            return SendError(f"rate limited ({detail})", retry_after=retry_after_s(resp.headers))
         if status >= 500 or status in (401, 408):
-            raise SendError(f"reply not accepted ({detail})")
-        raise SendError(f"reply refused ({detail})", retryable=False)
+            return SendError(f"{what} not accepted ({detail})")
+        return SendError(f"{what} refused ({detail})", retryable=False)
+
+
+def _detail(resp: requests.Response) -> str:
+    answer = json_object(resp)
+    return (f"HTTP {resp.status_code} code {answer.get('code')}: "
+            f"{str(answer.get('message'))[:120]}")
+
+
+def _absolute(url: str) -> str:
+    """QQ sends some attachment URLs without a scheme ("//multimedia.nt.qq.com/...")."""
+    return "https:" + url if url.startswith("//") else url
 
 
 PLATFORM = PlatformSpec(name="qqbot", config=QQBotConfig, adapter="QQBotAdapter",

@@ -29,11 +29,22 @@ tdlib/telegram-bot-api telegram-bot-api/Client.cpp, for the rules the docs leave
                    shows for 5 s or until our next message); the partial answer goes out as a
                    reply, then is edited at most once per `progress_interval_s`.
 
+    media in       photo (largest size) / document / voice / audio / video: the file_id; the media
+                   module's download asks getFile(file_id) -> file_path and fetches
+                   {api_base}/file/bot{token}/{file_path}. Bots may download files up to 20 MB
+                   (getFile answers 400 "file is too big" beyond): refused with that reason.
+                   Telegram sends no transcript: voice goes to `agent.transcribe`.
+    send_file      sendPhoto (images up to 10 MB) or sendDocument (up to 50 MB) as
+                   multipart/form-data with chat_id, caption and reply_parameters (JSON text).
+                   No idempotency key exists: a crash after Telegram accepted a file and
+                   before the outbox row was deleted sends it again (as for text).
+
 Message ids are unique per chat only, so the dedup key is "chat_id:message_id". `allow_from`
 takes numeric Telegram user ids. Entity offsets count UTF-16 code units (docs: MessageEntity).
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -50,6 +61,7 @@ from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, Delivery, FatalPlatformError, JournalFailure, SendError
 from .botconfig import BotConfig
 from .kit import SkipFrame, decode_json, is_int, retry_after_s, spawn_owned
+from .media import MediaRefused, MediaSource, OutboundFile, read_file
 from .registry import PlatformSpec
 from .transports.longpoll import LongPollAdapter
 
@@ -62,6 +74,9 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # 100 updates of 4096 characters fit many
 MAX_INBOUND_CHARS = 64 * 1024  # user text is capped at 4096 by Telegram; more is not Telegram
 MAX_DRAFTS = 256  # answers whose progress we track at once
 TYPING_IDLE_MAX_S = 300.0  # stop "typing" when no progress came for this long
+DOWNLOAD_LIMIT = 20 * 1024 * 1024  # getFile: "files of up to 20MB in size" (Bot API)
+UPLOAD_LIMITS = {"image": 10 * 1024 * 1024, "file": 50 * 1024 * 1024,
+                 "voice": 50 * 1024 * 1024, "video": 50 * 1024 * 1024}  # Bot API sendPhoto/...
 _TOKEN_PATH = re.compile(r"/bot[^/\s]+/")
 # Errors of a reply that will never be accepted as sent: retrying cannot help.
 _PERMANENT_SEND_STATUS = {400, 403, 404}
@@ -148,12 +163,19 @@ class TelegramAdapter(LongPollAdapter):
 
     # -- the Bot API ---------------------------------------------------------------------------
     def _call(self, method: str, params: dict | None = None, *, read_timeout: float | None = None,
-              session: requests.Session | None = None) -> Any:
-        """One call; returns `result` or raises ApiError (never with the URL in it)."""
+              session: requests.Session | None = None, files: dict | None = None) -> Any:
+        """One call; returns `result` or raises ApiError (never with the URL in it). With
+        `files`, the call is multipart/form-data (object parameters as JSON text)."""
         timeout = (CONNECT_TIMEOUT_S, read_timeout or self.config.rest_timeout_s)
         try:
-            resp = (session or self._http).post(self._base + method, json=params or {},
-                                                timeout=timeout, stream=True)
+            if files:
+                form = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+                        for k, v in (params or {}).items()}
+                resp = (session or self._http).post(self._base + method, data=form,
+                                                    files=files, timeout=timeout, stream=True)
+            else:
+                resp = (session or self._http).post(self._base + method, json=params or {},
+                                                    timeout=timeout, stream=True)
             try:
                 raw = _read_capped(resp)
             finally:
@@ -372,6 +394,51 @@ class TelegramAdapter(LongPollAdapter):
         cleaned = _utf8_safe(units.decode("utf-16-le", "surrogatepass"))
         return addressed, re.sub(r"[ \t]{2,}", " ", cleaned).strip()
 
+    # -- media -------------------------------------------------------------------------------
+    def media_source(self, att: Attachment, msg: InboundMessage) -> MediaSource:
+        if att.size is not None and att.size > DOWNLOAD_LIMIT:
+            raise MediaRefused("larger than the 20 MB Telegram lets bots download")
+        try:
+            info = self._call("getFile", {"file_id": att.ref})
+        except ApiError as e:
+            if e.status == 400 and "too big" in e.description:
+                raise MediaRefused("larger than the 20 MB Telegram lets bots download") from None
+            raise MediaRefused(f"Telegram did not hand out the file ({e.status or 'network'})") \
+                from None
+        path = info.get("file_path") if isinstance(info, dict) else None
+        if not isinstance(path, str) or not path:
+            raise MediaRefused("Telegram did not hand out the file (no file_path)")
+        size = info.get("file_size")
+        return MediaSource(f"{self.config.api_base.rstrip('/')}/file/bot{self._token}/{path}",
+                           size=size if is_int(size) else att.size, mime=att.mime,
+                           name=att.name or path.rsplit("/", 1)[-1])
+
+    def max_upload_bytes(self, media: str) -> int | None:
+        return UPLOAD_LIMITS.get(media, UPLOAD_LIMITS["file"])
+
+    def send_file(self, out: OutboundMessage) -> None:
+        file = OutboundFile.from_row(out.file)
+        chat_id, reply_to, thread_id = self._target(out)
+        photo = file.media == "image" and file.size <= UPLOAD_LIMITS["image"]
+        method, field_name = ("sendPhoto", "photo") if photo else ("sendDocument", "document")
+        try:
+            data = read_file(file.path, UPLOAD_LIMITS["file"])
+        except (OSError, ValueError) as e:
+            raise SendError(f"file unusable: {type(e).__name__}", retryable=False) from None
+        params: dict[str, Any] = {"chat_id": chat_id}
+        if out.text.strip():
+            params["caption"] = out.text.strip()[:1024]
+        if reply_to is not None:
+            params["reply_parameters"] = {"message_id": reply_to,
+                                          "allow_sending_without_reply": True}
+        if thread_id is not None:
+            params["message_thread_id"] = thread_id
+        try:
+            self._call(method, params, files={field_name: (file.name, data, file.mime)},
+                       read_timeout=max(self.config.rest_timeout_s, 60.0))
+        except ApiError as e:
+            raise self._send_error(e, out) from None
+
     # -- outbound ------------------------------------------------------------------------------
     def reply_chunk_chars(self) -> int:
         return TEXT_LIMIT
@@ -545,20 +612,25 @@ def _utf8_safe(text: str) -> str:
 
 
 def _attachments(msg: dict) -> tuple[Attachment, ...]:
-    """Media of a message, described by file_id (never downloaded here)."""
+    """Media of a message, described by file_id (fetched by the gateway's media module through
+    `media_source`)."""
     found: list[Attachment] = []
     photo = msg.get("photo")
     if isinstance(photo, list) and photo and isinstance(photo[-1], dict):
         file_id = photo[-1].get("file_id")  # sizes come smallest first
         if isinstance(file_id, str) and file_id:
-            found.append(Attachment("image", _utf8_safe(file_id[:256])))
+            size = photo[-1].get("file_size")
+            found.append(Attachment("image", _utf8_safe(file_id[:256]),
+                                    size=size if is_int(size) else None))
     for key, kind in (("document", "file"), ("voice", "voice"), ("audio", "voice"),
                       ("video", "video"), ("video_note", "video")):
         item = msg.get(key)
         if isinstance(item, dict) and isinstance(item.get("file_id"), str) and item["file_id"]:
-            name = item.get("file_name")
+            name, size, mime = item.get("file_name"), item.get("file_size"), item.get("mime_type")
             found.append(Attachment(kind, _utf8_safe(item["file_id"][:256]),
-                                    _utf8_safe(name[:200]) if isinstance(name, str) else None))
+                                    _utf8_safe(name[:200]) if isinstance(name, str) else None,
+                                    mime=mime[:100] if isinstance(mime, str) else None,
+                                    size=size if is_int(size) else None))
     return tuple(found)
 
 

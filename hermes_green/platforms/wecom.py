@@ -25,14 +25,33 @@ Frames for one req_id go out one at a time, each after the previous one was answ
 official SDK. The stream id is derived from the inbound msgid, so a re-send after a restart
 updates the same stream instead of opening a second one.
 
+Media (WecomTeam/aibot-node-sdk: src/crypto.ts, src/client.ts uploadMedia / sendMediaMessage,
+src/types/message.ts; the Python SDK's crypto.py agrees):
+    in       image / file / video bodies (and image items of `mixed`) carry `url` (valid 5
+             minutes) and a per-URL `aeskey`: the bytes are AES-256-CBC encrypted, key =
+             base64-decode(aeskey), IV = the key's first 16 bytes, PKCS#7 padding to a multiple
+             of 32 bytes (decryptFile: "PKCS#7 填充至 32 字节的倍数"). `media_source` hands the
+             URL and a stream decryptor to the gateway's media module. Voice arrives already
+             transcribed (`voice.content`): no audio to fetch.
+    out      send_file: aibot_upload_media_init {type, filename, total_size, total_chunks, md5}
+             -> upload_id; aibot_upload_media_chunk {upload_id, chunk_index (0-based, as the
+             SDK sends it; its type comment says 1-based: *unverified*), base64_data} per chunk
+             of at most 512 KB before base64, at most 100 chunks; aibot_upload_media_finish
+             {upload_id} -> media_id (valid 3 days); then aibot_send_msg {chatid, msgtype:
+             image|file|voice|video, <msgtype>: {media_id}}. Each frame waits for its answer.
+             Media messages carry no caption: a caption goes out as a markdown message first.
+
 Facts from the official SDKs and docs (developer.work.weixin.qq.com path 101463, 101031):
 content of stream and markdown messages at most 20480 bytes of UTF-8; image / file / video
 bodies carry `url` (valid 5 minutes) and a per-URL `aeskey`; voice arrives already transcribed
 (`voice.content`). *Unverified*: how long the server tolerates a silent client (hence the
-configurable ping interval) and which errcodes besides 846605 / 846608 a reply may get.
+configurable ping interval) and which errcodes besides 846605 / 846608 a reply may get; the
+size limits of uploaded media per type (we keep to the classic API's: image 10 MB, voice 2 MB,
+video 10 MB, file 20 MB).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -53,6 +72,7 @@ from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, FatalPlatformError, JournalFailure, SendError
 from .botconfig import BotConfig
 from .kit import Waiters
+from .media import MediaRefused, MediaSource, OutboundFile, read_file
 from .registry import PlatformSpec
 from .transports.websocket import WebSocketAdapter
 
@@ -61,6 +81,9 @@ CMD_SUBSCRIBE = "aibot_subscribe"
 CMD_PING = "ping"
 CMD_RESPOND = "aibot_respond_msg"
 CMD_SEND = "aibot_send_msg"
+CMD_UPLOAD_INIT = "aibot_upload_media_init"
+CMD_UPLOAD_CHUNK = "aibot_upload_media_chunk"
+CMD_UPLOAD_FINISH = "aibot_upload_media_finish"
 CMD_MSG_CALLBACK = "aibot_msg_callback"
 CMD_EVENT_CALLBACK = "aibot_event_callback"
 EVENT_DISCONNECTED = "disconnected_event"
@@ -73,6 +96,11 @@ ERR_STREAM_TOO_LONG = 846608  # stream open longer than the server allows (~6 mi
 RETRYABLE_ERRCODES = frozenset({-1, 45009})
 
 CONTENT_MAX_BYTES = 20480  # stream.content and markdown.content, UTF-8
+UPLOAD_CHUNK_BYTES = 512 * 1024  # before base64 (aibot-node-sdk uploadMedia)
+UPLOAD_MAX_CHUNKS = 100
+AES_BLOCK_PAD = 32  # WeCom pads files to a multiple of 32 bytes (PKCS#7)
+UPLOAD_LIMITS = {"image": 10 * 1024 * 1024, "voice": 2 * 1024 * 1024,
+                 "video": 10 * 1024 * 1024, "file": 20 * 1024 * 1024}  # *unverified*
 MAX_TRACKED_STREAMS = 1024
 _MAX_LOG_TEXT = 100
 
@@ -415,6 +443,67 @@ class WeComAdapter(WebSocketAdapter):
             self.log.info("stream not finished early platform=%s req=%s error=%s",
                           self.name, _short(st.req_id), e)
 
+    # -- media -------------------------------------------------------------------------------
+    image_links = "markdown"  # stream and markdown content render ![alt](url) (*unverified*)
+
+    def media_source(self, att: Attachment, msg: InboundMessage) -> MediaSource:
+        if not att.ref.startswith(("https://", "http://")):
+            raise MediaRefused("the message carried no download link")
+        aeskey = att.meta.get("aeskey") if isinstance(att.meta, dict) else None
+        if not aeskey:  # the webhook mode's URLs are not encrypted per file
+            return MediaSource(att.ref, name=att.name)
+        key = _aes_key(aeskey)
+        return MediaSource(att.ref, name=att.name, decryptor=lambda: _FileDecryptor(key),
+                           overhead=AES_BLOCK_PAD)
+
+    def max_upload_bytes(self, media: str) -> int | None:
+        return UPLOAD_LIMITS.get(media, UPLOAD_LIMITS["file"])
+
+    def send_file(self, out: OutboundMessage) -> None:
+        file = OutboundFile.from_row(out.file)
+        chat_id = out.chat_id or (out.reply_ref or {}).get("chatid")
+        if not _nonempty(chat_id):
+            raise SendError("no chat to send the file to", retryable=False)
+        if not self.ready.wait(self.config.ack_timeout_s):
+            raise SendError("wecom is not connected", retryable=True)
+        media = file.media if file.media in UPLOAD_LIMITS else "file"
+        try:
+            data = read_file(file.path, UPLOAD_CHUNK_BYTES * UPLOAD_MAX_CHUNKS)
+        except (OSError, ValueError) as e:
+            raise SendError(f"file unusable: {type(e).__name__}", retryable=False) from None
+        media_id = self._upload(media, file.name, data)
+        if out.text.strip():
+            self._send_proactive(chat_id, _fit(out.text))
+        answer = self._request(CMD_SEND, _new_req_id(CMD_SEND),
+                               {"chatid": chat_id, "msgtype": media, media: {"media_id": media_id}})
+        if _errcode(answer) != 0:
+            raise _refused(CMD_SEND, answer)
+        self.log.debug("file accepted platform=%s chat=%s msg=%s seq=%d media=%s bytes=%d",
+                       self.name, chat_id, out.in_reply_to, out.seq, media, len(data))
+
+    def _upload(self, media: str, filename: str, data: bytes) -> str:
+        """The three-step upload over the long connection; returns the media_id."""
+        chunks = max(1, -(-len(data) // UPLOAD_CHUNK_BYTES))
+        answer = self._request(CMD_UPLOAD_INIT, _new_req_id(CMD_UPLOAD_INIT), {
+            "type": media, "filename": filename, "total_size": len(data), "total_chunks": chunks,
+            "md5": hashlib.md5(data).hexdigest()})
+        upload_id = (answer.get("body") or {}).get("upload_id") if _errcode(answer) == 0 else None
+        if not _nonempty(upload_id):
+            raise _refused(CMD_UPLOAD_INIT, answer)
+        for i in range(chunks):
+            piece = data[i * UPLOAD_CHUNK_BYTES:(i + 1) * UPLOAD_CHUNK_BYTES]
+            answer = self._request(CMD_UPLOAD_CHUNK, _new_req_id(CMD_UPLOAD_CHUNK), {
+                "upload_id": upload_id, "chunk_index": i,
+                "base64_data": base64.b64encode(piece).decode("ascii")})
+            if _errcode(answer) != 0:
+                raise _refused(CMD_UPLOAD_CHUNK, answer)
+        answer = self._request(CMD_UPLOAD_FINISH, _new_req_id(CMD_UPLOAD_FINISH),
+                               {"upload_id": upload_id})
+        media_id = (answer.get("body") or {}).get("media_id") if _errcode(answer) == 0 else None
+        if not _nonempty(media_id):
+            raise _refused(CMD_UPLOAD_FINISH, answer)
+        return media_id
+
     # -- plumbing ----------------------------------------------------------------------------
     def _request(self, cmd: str, req_id: str, body: dict) -> dict:
         """Send one command and wait for the frame answering it (`ack_timeout_s`)."""
@@ -531,6 +620,42 @@ def _short(value: Any) -> str:
     return text[:_MAX_LOG_TEXT]
 
 
+# --- encrypted files ---------------------------------------------------------------------------
+
+def _aes_key(aeskey: str) -> bytes:
+    """The per-file key: base64 of 32 bytes (sent with or without its padding)."""
+    try:
+        key = base64.b64decode(aeskey + "=" * (-len(aeskey) % 4), validate=True)
+    except (ValueError, TypeError):
+        key = b""
+    if len(key) != 32:
+        raise MediaRefused("the file's decryption key is not valid")
+    return key
+
+
+class _FileDecryptor:
+    """AES-256-CBC, IV = key[:16], PKCS#7 padding to 32 bytes, chunk by chunk (`cryptography`,
+    whose CBC decryptor takes any chunk sizes). The last 32 bytes are held back until
+    `finalize`, since they may be padding."""
+
+    def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+        self._d = Cipher(algorithms.AES(key), modes.CBC(key[:16])).decryptor()
+        self._held = b""
+
+    def update(self, data: bytes) -> bytes:
+        out = self._held + self._d.update(data)
+        self._held, out = out[-AES_BLOCK_PAD:], out[:-AES_BLOCK_PAD]
+        return out
+
+    def finalize(self) -> bytes:
+        out = self._held + self._d.finalize()  # ValueError when not whole blocks
+        pad = out[-1] if out else 0
+        if not 1 <= pad <= AES_BLOCK_PAD or pad > len(out) or out[-pad:] != bytes([pad]) * pad:
+            raise ValueError("bad padding")
+        return out[:-pad]
+
+
 # --- message content -------------------------------------------------------------------------
 
 _MEDIA_KINDS = {"image": "image", "file": "file", "video": "video"}
@@ -564,14 +689,17 @@ def _part(msgtype: Any, holder: dict, texts: list[str], attachments: list[Attach
         if isinstance(content, str):
             texts.append(content)
     elif msgtype == "voice":  # the server sends the transcript, not the audio
-        attachments.append(Attachment("voice", "", None))
         content = value.get("content")
-        if isinstance(content, str):
-            texts.append(content)
+        attachments.append(Attachment("voice", "", None, transcript=_clean(content) if
+                                      isinstance(content, str) and content.strip() else None))
     elif msgtype in _MEDIA_KINDS:
-        url = value.get("url")  # valid 5 minutes; the per-URL aeskey is not kept
-        attachments.append(Attachment(_MEDIA_KINDS[msgtype], _clean(url) if isinstance(url, str)
-                                      else ""))
+        url = value.get("url")  # valid 5 minutes, encrypted with its own aeskey
+        aeskey = value.get("aeskey")
+        name = value.get("filename") or value.get("name")
+        attachments.append(Attachment(
+            _MEDIA_KINDS[msgtype], _clean(url) if isinstance(url, str) else "",
+            _clean(name[:200]) if isinstance(name, str) and name else None,
+            meta={"aeskey": aeskey} if isinstance(aeskey, str) and aeskey else {}))
     else:
         attachments.append(Attachment("other", "", _clean(msgtype[:_MAX_LOG_TEXT])))
 

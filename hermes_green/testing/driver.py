@@ -29,6 +29,16 @@ class Keepalive:
 
 
 @dataclass
+class SentFile:
+    """A file the fake accepted from the bot: which inbound message it answers, as the platform
+    received it."""
+    message_id: str
+    name: str
+    data: bytes
+    media: str  # image | file | voice | video
+
+
+@dataclass
 class ReplyRow:
     """One reply the fake accepted: which inbound message it answers, its text, when (monotonic
     time at the fake)."""
@@ -88,6 +98,41 @@ class PlatformDriver:
 
     def reply_rows(self) -> list[ReplyRow]:
         """Every reply the fake accepted, in order."""
+        raise NotImplementedError
+
+    # -- media (the media tests run on every platform whose driver speaks these) ------------
+    # Whether the platform transcribes voice messages itself (the adapter hands the text up).
+    transcribes_voice: ClassVar[bool] = False
+    # The largest file a user can send that the bot may fetch (None: as large as the fake
+    # serves); the media tests expect a larger one to be refused with a note.
+    media = True
+
+    def user_sends_media(self, data: bytes, *, kind: str, name: str, mime: str,
+                         transcript: str | None = None, chat: int = 0) -> str:
+        """A user sends a file of `kind` (image | file | voice) the fake serves with the
+        platform's own download rules; `transcript`: what the platform's speech recognition
+        heard (used where it transcribes). Returns the message id."""
+        raise NotImplementedError
+
+    def files_sent(self) -> list[SentFile]:
+        """Every file the fake accepted from the bot and showed in a chat, in order."""
+        raise NotImplementedError
+
+    def uploads(self) -> int:
+        """Uploads the fake accepted (on two-step platforms the upload precedes the send; on
+        one-step ones upload and send are one request, counted when it arrives)."""
+        raise NotImplementedError
+
+    def hold_file_sends(self) -> None:
+        """From now on the request that puts a file into a chat is held unanswered and never
+        processed (the client dies while waiting); `held_file_sends()` counts them."""
+        raise NotImplementedError
+
+    def held_file_sends(self) -> int:
+        raise NotImplementedError
+
+    def release_file_sends(self) -> None:
+        """Held requests are dropped unprocessed and later ones handled again."""
         raise NotImplementedError
 
     def answers(self, message_id: str) -> list[str]:

@@ -64,6 +64,12 @@ Use from tests, the demo and benchmarks:
             request_heartbeat(), close_with(code), drop(), send_garbage(data), hide_channel(cid),
             revoke_token(), force_429(times, retry_after, global_=False), user_edits(mid, text),
             dispatch(event, d) (anything, unknown events included)
+Media: `user_sends_media(data, kind, ...)` posts a message whose attachment the fake serves (a
+voice message: audio/ogg with flags 1<<13, MSG "Voice Messages"); a create-message request may be
+multipart/form-data with `payload_json` and `files[n]`, each file announced in
+`payload_json.attachments` by its index (MSG "Uploading Files"), at most `upload_limit` bytes
+(else 413 code 40005 "Request entity too large"); `fake.files` records the files shown.
+hold_file_sends()/release_file_sends() hold multipart creates unprocessed.
 Events sent while a session exists but no connection is bound are kept and replayed on resume;
 events sent before any (valid) session exists are delivered after the next identify (a test
 convenience: the real gateway would drop them).
@@ -83,10 +89,11 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import gevent
+import gevent.event
 from geventwebsocket.websocket import WebSocket
 
-from .driver import Keepalive, PlatformDriver, ReplyRow
-from .harness import Conn, FakePlatformServer
+from .driver import Keepalive, PlatformDriver, ReplyRow, SentFile
+from .harness import Conn, FakePlatformServer, parse_multipart
 
 # Gateway opcodes (CODES "Gateway Opcodes").
 OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_PRESENCE, OP_VOICE_STATE = 0, 1, 2, 3, 4
@@ -128,6 +135,8 @@ CODE_UNKNOWN_MESSAGE = 10008
 CODE_MISSING_ACCESS = 50001
 CODE_EDIT_OTHERS_MESSAGE = 50005
 CODE_EMPTY_MESSAGE = 50006
+CODE_TOO_LARGE = 40005
+FLAG_VOICE_MESSAGE = 1 << 13
 CODE_INVALID_FORM_BODY = 50035
 
 MAX_PAYLOAD_BYTES = 4096  # GW "Sending Events"
@@ -157,6 +166,8 @@ class Message:
     reference: str | None = None  # message_reference.message_id
     nonce: Any = None
     edits: list[str] = field(default_factory=list)
+    flags: int = 0
+    files: list = field(default_factory=list)  # SentFile of each attachment
 
 
 @dataclass
@@ -210,8 +221,15 @@ class FakeDiscordServer(FakePlatformServer):
                  gateway_bot_limit: tuple[int, float] = (2, 5.0),
                  global_limit: tuple[int, float] = (50, 1.0),
                  gateway_send_limit: tuple[int, float] = (120, 60.0),
-                 nonce_window_s: float = 300.0) -> None:
+                 nonce_window_s: float = 300.0,
+                 upload_limit: int = 10 * 1024 * 1024) -> None:
         super().__init__()
+        self.upload_limit = upload_limit
+        self.files: list[SentFile] = []
+        self.uploads = 0
+        self.held_sends = 0
+        self._release = gevent.event.Event()
+        self._release.set()
         self.token = token
         self.bot_id = bot_id
         self.heartbeat_interval_ms = int(heartbeat_interval_ms)  # an integer on the wire (EV)
@@ -283,7 +301,7 @@ class FakeDiscordServer(FakePlatformServer):
                    channel_id: str | None = None, mention: bool = False,
                    author_id: str = "700000000000000001", author_name: str = "alice",
                    author_bot: bool = False, attachments: list[dict] | None = None,
-                   reply_to: str | None = None) -> str:
+                   reply_to: str | None = None, flags: int = 0) -> str:
         """A user (or another bot, with author_bot) posts a message; returns its id. DMs go to
         the author's DM channel (one snowflake per author, `dm_channels`); `mention` puts
         `<@bot>` in front and the bot in `mentions`."""
@@ -295,7 +313,7 @@ class FakeDiscordServer(FakePlatformServer):
             ch = self.channel(channel_id or "810000000000000001", guild_id)
         content = f"<@{self.bot_id}> {text}" if mention else text
         msg = Message(self.snowflake(), ch.id, ch.guild_id, author_id, content,
-                      time.monotonic(), reference=reply_to)
+                      time.monotonic(), reference=reply_to, flags=flags)
         self.messages[msg.id] = msg
         self.order.append(msg.id)
         author = {"id": author_id, "username": author_name, "global_name": author_name,
@@ -311,6 +329,23 @@ class FakeDiscordServer(FakePlatformServer):
             d["member"] = {"roles": [], "joined_at": _iso(), "deaf": False, "mute": False}
         self.dispatch("MESSAGE_CREATE", d)
         return msg.id
+
+    def user_sends_media(self, data: bytes, *, kind: str, filename: str, content_type: str,
+                         text: str = "", dm: bool = True,
+                         author_id: str = "700000000000000001") -> str:
+        url = self.host_media(data, content_type)
+        att = {"id": self.snowflake(), "filename": filename, "size": len(data), "url": url,
+               "proxy_url": url, "content_type": content_type}
+        if kind == "voice":
+            att.update(duration_secs=2.5, waveform="AAAA")
+        return self.user_sends(text, dm=dm, author_id=author_id, attachments=[att],
+                               flags=FLAG_VOICE_MESSAGE if kind == "voice" else 0)
+
+    def hold_file_sends(self) -> None:
+        self._release.clear()
+
+    def release_file_sends(self) -> None:
+        self._release.set()
 
     def user_edits(self, msg_id: str, text: str) -> None:
         """The author edits a message: MESSAGE_UPDATE (a bot must not answer it again)."""
@@ -558,6 +593,18 @@ class FakeDiscordServer(FakePlatformServer):
 
     def _create_message(self, request: dict, ch: Channel, headers: dict) -> tuple:
         body = request["json"]
+        files: list[SentFile] = []
+        if request["headers"].get("Content-Type", "").startswith("multipart/"):
+            self.uploads += 1  # upload and send are one request here
+            if not self._release.is_set():
+                self.held_sends += 1
+                self.changed()
+                self._release.wait()
+                return self._error(request, 502, 0, "dropped")
+            parsed = self._multipart_body(request)
+            if isinstance(parsed, tuple) and len(parsed) == 3 and isinstance(parsed[0], int):
+                return parsed  # an error answer
+            body, files = parsed
         if not isinstance(body, dict):
             return self._error(request, 400, CODE_INVALID_FORM_BODY, "Invalid Form Body",
                                {"_errors": [{"code": "DICT_TYPE_CONVERT",
@@ -566,7 +613,7 @@ class FakeDiscordServer(FakePlatformServer):
         if content is not None and not isinstance(content, str):
             return self._form_error(request, "content", "BASE_TYPE_STRING",
                                     "Could not interpret value as string.")
-        if not content:
+        if not content and not files:
             return self._error(request, 400, CODE_EMPTY_MESSAGE, "Cannot send an empty message")
         if len(content) > MAX_CONTENT_CHARS:
             return self._form_error(request, "content", "BASE_TYPE_MAX_LENGTH",
@@ -599,12 +646,43 @@ class FakeDiscordServer(FakePlatformServer):
                     self.nonce_hits += 1
                     return self._answer(request, 200, self._message_object(old, self._bot_user()),
                                         headers)
-        msg = Message(self.snowflake(), ch.id, ch.guild_id, self.bot_id, content,
-                      time.monotonic(), reference=ref_id, nonce=nonce)
+        msg = Message(self.snowflake(), ch.id, ch.guild_id, self.bot_id, content or "",
+                      time.monotonic(), reference=ref_id, nonce=nonce,
+                      files=[SentFile(ref_id or "", f.name, f.data, f.media) for f in files])
         self.messages[msg.id] = msg
         self.order.append(msg.id)
+        self.files.extend(msg.files)
         self.changed()
         return self._answer(request, 200, self._message_object(msg, self._bot_user()), headers)
+
+    def _multipart_body(self, request: dict):
+        """payload_json + files[n] -> (body, files) or an error answer (MSG "Uploading
+        Files": every file part is named files[n] and announced as attachments[].id = n)."""
+        try:
+            fields, parts = parse_multipart(request)
+            body = json.loads(fields.get("payload_json", "{}"))
+        except ValueError:
+            return self._error(request, 400, CODE_INVALID_FORM_BODY, "Invalid Form Body")
+        announced = body.get("attachments") if isinstance(body, dict) else None
+        if not isinstance(announced, list) or not announced:
+            return self._form_error(request, "attachments", "BASE_TYPE_REQUIRED",
+                                    "This field is required")
+        files = []
+        for item in announced:
+            part = parts.get(f"files[{item.get('id')}]") if isinstance(item, dict) else None
+            if part is None:
+                return self._form_error(request, "attachments", "ATTACHMENT_NOT_FOUND",
+                                        "Unknown attachment")
+            if len(part.data) > self.upload_limit:
+                return self._error(request, 413, CODE_TOO_LARGE, "Request entity too large")
+            ctype = part.content_type or ""
+            media = "image" if ctype.startswith("image/") else "file"
+            files.append(SentFile("", item.get("filename") or part.filename or "", part.data,
+                                  media))
+        if len(parts) != len(files):
+            return self._form_error(request, "files", "UNANNOUNCED_FILE",
+                                    "Every file must be announced in attachments")
+        return body, files
 
     def _form_error(self, request: dict, key: str, code: str, message: str) -> tuple:
         # REF "Error Messages": v8+ form errors name the key, an error code and a message.
@@ -662,6 +740,8 @@ class FakeDiscordServer(FakePlatformServer):
                 d["message_reference"]["guild_id"] = msg.guild_id
         if msg.nonce is not None:
             d["nonce"] = msg.nonce
+        if msg.flags:
+            d["flags"] = msg.flags
         return d
 
     # -- gateway -------------------------------------------------------------------------------
@@ -979,7 +1059,8 @@ class Driver(PlatformDriver):
 
     def reply_rows(self) -> list[ReplyRow]:
         return [ReplyRow(m.reference, m.edits[-1] if m.edits else m.content, m.at)
-                for m in self.fake.sent_messages() if m.reference is not None]
+                for m in self.fake.sent_messages() if m.reference is not None
+                and not m.files]  # a file message is in files_sent()
 
     def go_silent(self, seconds: float) -> None:
         """The live connections go silent for good (new ones work): the client must notice."""
@@ -987,6 +1068,26 @@ class Driver(PlatformDriver):
 
     def end_silence(self) -> None:
         """Nothing to end: only the connections that were live went silent, and they are gone."""
+
+    def user_sends_media(self, data: bytes, *, kind: str, name: str, mime: str,
+                         transcript: str | None = None, chat: int = 0) -> str:
+        return self.fake.user_sends_media(data, kind=kind, filename=name, content_type=mime,
+                                          author_id=str(700000000000000001 + chat))
+
+    def files_sent(self) -> list[SentFile]:
+        return list(self.fake.files)
+
+    def uploads(self) -> int:
+        return self.fake.uploads
+
+    def hold_file_sends(self) -> None:
+        self.fake.hold_file_sends()
+
+    def held_file_sends(self) -> int:
+        return self.fake.held_sends
+
+    def release_file_sends(self) -> None:
+        self.fake.release_file_sends()
 
     def lateness(self) -> list[float]:
         return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)

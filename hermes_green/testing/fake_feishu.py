@@ -35,6 +35,19 @@ Public API for tests, the demo and benchmarks:
     fake.keepalive_times[conn_id]  receipt times of valid pings; keepalive_gaps(conn_id)
     fake.frames / frames_in()    every frame, decoded to WireFrame (harness FrameRecord.data)
     fake.protocol_errors         [(at, what, conn_id)] bad pings/acks the fake refused
+Media (im/v1 message resources, images, files; CardKit v1):
+    fake.send_user_media(data, message_type="image"|"file"|"audio", ...)  the resource is then
+        served by GET /open-apis/im/v1/messages/{om}/resources/{key}?type=image|file with a
+        live tenant token, to the message that carries it, with the matching type
+    uploads: POST /open-apis/im/v1/images (multipart image_type, image <= 10 MB) and /files
+        (file_type, file_name, file <= 30 MB) issue keys; a reply with msg_type image|file must
+        name a key issued to this app. fake.files records each file shown.
+    cards: POST /open-apis/cardkit/v1/cards (card_json, schema 2.0, elements with unique
+        element_id) -> card_id; a card is sent once (msg_type interactive); PUT
+        .../elements/{id}/content needs streaming_mode on (300309) and a sequence above every
+        earlier one on that card (300317); PATCH .../settings applies config.streaming_mode.
+        fake.cards[card_id] keeps every operation; the reply showing a card reads its text.
+    hold_file_sends()/release_file_sends(): image/file replies held unprocessed.
 Faults: the harness's drop(), close_with(code), send_garbage(data), rest_delay_s, rest_429(n, s);
 go_silent(s) makes the current connections zombies (they swallow everything, enforce nothing;
 new connections work); reject_handshakes(n, status, autherrcode), fail_endpoint(n, code, status),
@@ -55,13 +68,37 @@ import gevent.event
 import gevent.pool
 
 from hermes_green.platforms.feishu import load_frame_class
-from .driver import Keepalive, PlatformDriver, ReplyRow
-from .harness import Conn, FakePlatformServer
+from .driver import Keepalive, PlatformDriver, ReplyRow, SentFile
+from .harness import Conn, FakePlatformServer, parse_multipart
 
 Frame = load_frame_class()
 
 CONTROL, DATA = 0, 1
 INVALID_TOKEN = 99991663
+IMAGE_LIMIT = 10 * 1024 * 1024
+FILE_LIMIT = 30 * 1024 * 1024
+FILE_TYPES = {"opus", "mp4", "pdf", "doc", "xls", "ppt", "stream"}
+# CardKit error codes (cardkit-v1 card-element/content "错误码")
+CARD_NOT_FOUND, CARD_STREAMING_CLOSED, CARD_NOT_TEXT, CARD_SEQUENCE = 200740, 300309, 300310, 300317
+CODE_PARAM = 10002
+# The fake's own codes where the docs name none we could find (*unverified*)
+CODE_NOT_IN_MESSAGE = 234003
+CODE_TOO_LARGE = 234006
+CODE_CARD_SENT = 230099
+
+
+@dataclass
+class FakeCard:
+    card_id: str
+    card: dict
+    streaming: bool
+    elements: dict  # element_id -> {"tag", "content"}
+    last_sequence: int = 0
+    ops: list = field(default_factory=list)  # (kind, sequence, value) in arrival order
+    reply: "Reply | None" = None
+
+    def text(self, element_id: str) -> str:
+        return self.elements.get(element_id, {}).get("content", "")
 
 
 @dataclass
@@ -84,11 +121,12 @@ class WireFrame:
 @dataclass
 class Reply:
     message_id: str | None  # the inbound message answered (None: a plain send to a chat)
-    text: str
+    text: str  # for a card: its text now (kept current by every content update)
     uuid: str | None
     chat_id: str
     at: float
     reply_id: str
+    card_id: str | None = None
 
 
 @dataclass
@@ -158,6 +196,16 @@ class FakeFeishuServer(FakePlatformServer):
         self.handshake_rejections: list[tuple[float, str, str]] = []
         self.messages: dict[str, dict] = {}  # om_id -> the inbound message (replies need one)
         self.issued_tokens: list[str] = []  # so tests can assert none of them is ever logged
+        # media
+        self.resources: dict[tuple[str, str], tuple[bytes, str, str]] = {}  # (om, key) ->
+        #   (data, "image"|"file", content type)
+        self.uploaded: dict[str, tuple[str, str, bytes]] = {}  # key -> (kind, name, data)
+        self.files: list[SentFile] = []
+        self.cards: dict[str, FakeCard] = {}
+        self.cards_refused = False
+        self.held_sends = 0
+        self._release = gevent.event.Event()
+        self._release.set()
         # state
         self._tickets: set[str] = set()
         self._tokens: dict[str, float] = {}
@@ -193,10 +241,11 @@ class FakeFeishuServer(FakePlatformServer):
     def send_user_message(self, text: str = "hello", *, chat_type: str = "p2p",
                           open_id: str = "ou_user", chat_id: str | None = None,
                           mention_bot: bool = False, mentions: list[tuple[str, str]] = (),
-                          message_type: str = "text", content: dict | None = None) -> str:
+                          message_type: str = "text", content: dict | None = None,
+                          message_id: str | None = None) -> str:
         """A user sends a message; returns its message_id (om_...). `mentions`: other users
         (open_id, name) mentioned besides the bot."""
-        message_id = f"om_{uuid.uuid4().hex}"
+        message_id = message_id or f"om_{uuid.uuid4().hex}"
         chat_id = chat_id or (f"oc_p2p_{open_id}" if chat_type == "p2p" else "oc_group")
         mention_list, prefix = [], []
         people = ([(self.bot_open_id, "hermes")] if mention_bot else []) + list(mentions)
@@ -235,6 +284,29 @@ class FakeFeishuServer(FakePlatformServer):
                                      "open_id": open_id, "envelope": envelope}
         self.push_event(envelope)
         return message_id
+
+    def send_user_media(self, data: bytes, message_type: str = "image", *,
+                        content_type: str = "application/octet-stream",
+                        file_name: str = "file", **kw) -> str:
+        """A user sends an image / file / audio / media message whose resource this fake
+        serves (to the message it belongs to, with the tenant token)."""
+        key = f"{'img' if message_type == 'image' else 'file'}_v3_{uuid.uuid4().hex[:16]}"
+        content = {"image": {"image_key": key},
+                   "file": {"file_key": key, "file_name": file_name},
+                   "audio": {"file_key": key, "duration": 2000},
+                   "media": {"file_key": key, "image_key": "img_x", "file_name": file_name,
+                             "duration": 3000}}[message_type]
+        om = f"om_{uuid.uuid4().hex}"
+        self.resources[(om, key)] = (data, "image" if message_type == "image" else "file",
+                                     content_type)
+        return self.send_user_message(message_type=message_type, content=content,
+                                      message_id=om, **kw)
+
+    def hold_file_sends(self) -> None:
+        self._release.clear()
+
+    def release_file_sends(self) -> None:
+        self._release.set()
 
     def push_event(self, envelope: dict | bytes, *, kind: str = "event") -> PendingEvent:
         """Deliver any payload (a dict as JSON, or raw bytes) as a data frame of type `kind`,
@@ -506,8 +578,153 @@ class FakeFeishuServer(FakePlatformServer):
             ("POST", "/open-apis/auth/v3/tenant_access_token/internal"): self._token,
             ("GET", "/open-apis/bot/v3/info"): self._bot_info,
             ("POST", "/open-apis/im/v1/messages"): self._messages,
+            ("GET", "/open-apis/im/v1/messages/"): self._resource,
+            ("POST", "/open-apis/im/v1/images"): self._upload_image,
+            ("POST", "/open-apis/im/v1/files"): self._upload_file,
+            ("POST", "/open-apis/cardkit/v1/cards"): self._card_create,
+            ("PUT", "/open-apis/cardkit/v1/cards/"): self._card_content,
+            ("PATCH", "/open-apis/cardkit/v1/cards/"): self._card_settings,
             ("GET", self.ws_path): self._handshake_refusal,
         }
+
+    # -- media ------------------------------------------------------------------------------
+    def _resource(self, request: dict):
+        refused = self._auth(request)
+        if refused:
+            return refused
+        parts = request["path"].split("/")  # ['', open-apis, im, v1, messages, om, resources, key]
+        if len(parts) != 8 or parts[6] != "resources":
+            return 404, {"code": 404, "msg": "no such route"}
+        found = self.resources.get((parts[5], parts[7]))
+        kind = parse_qs(request["query"]).get("type", [""])[0]
+        if found is None:
+            return 400, {"code": CODE_NOT_IN_MESSAGE, "msg": "the resource is not in the message"}
+        if kind != found[1]:
+            return 400, {"code": CODE_PARAM, "msg": "type does not match the resource"}
+        return 200, found[0], {"Content-Type": found[2]}
+
+    def _uploaded(self, request: dict, field_name: str, limit: int):
+        refused = self._auth(request)
+        if refused:
+            return refused
+        try:
+            fields, files = parse_multipart(request)
+        except ValueError:
+            return 400, {"code": CODE_PARAM, "msg": "multipart/form-data expected"}
+        upload = files.get(field_name)
+        if upload is None or not upload.data:
+            return 400, {"code": CODE_PARAM, "msg": f"{field_name} is required"}
+        if len(upload.data) > limit:
+            return 400, {"code": CODE_TOO_LARGE, "msg": "file size exceeds the limit"}
+        return fields, upload
+
+    def _upload_image(self, request: dict):
+        got = self._uploaded(request, "image", IMAGE_LIMIT)
+        if isinstance(got[0], int):
+            return got
+        fields, upload = got
+        if fields.get("image_type") not in ("message", "avatar"):
+            return 400, {"code": CODE_PARAM, "msg": "invalid image_type"}
+        key = f"img_v3_{uuid.uuid4().hex[:16]}"
+        self.uploaded[key] = ("image", upload.filename or "", upload.data)
+        self.changed()
+        return 200, {"code": 0, "msg": "success", "data": {"image_key": key}}
+
+    def _upload_file(self, request: dict):
+        got = self._uploaded(request, "file", FILE_LIMIT)
+        if isinstance(got[0], int):
+            return got
+        fields, upload = got
+        if fields.get("file_type") not in FILE_TYPES or not fields.get("file_name"):
+            return 400, {"code": CODE_PARAM, "msg": "invalid file_type or file_name"}
+        key = f"file_v3_{uuid.uuid4().hex[:16]}"
+        self.uploaded[key] = ("file", fields["file_name"], upload.data)
+        self.changed()
+        return 200, {"code": 0, "msg": "success", "data": {"file_key": key}}
+
+    # -- CardKit ----------------------------------------------------------------------------
+    def _card_create(self, request: dict):
+        refused = self._auth(request)
+        if refused:
+            return refused
+        if self.cards_refused:  # the app lacks cardkit:card:write
+            return 400, {"code": 99991672, "msg": "Access denied. One of the following scopes "
+                         "is required: [cardkit:card:write]"}
+        body = request["json"] or {}
+        try:
+            card = json.loads(body.get("data") or "")
+            assert body.get("type") == "card_json" and card.get("schema") == "2.0"
+            elements = card["body"]["elements"]
+            ids = [e["element_id"] for e in elements if "element_id" in e]
+            assert len(ids) == len(set(ids)) and all(isinstance(i, str) and 0 < len(i) <= 20
+                                                     for i in ids)
+        except (ValueError, KeyError, TypeError, AttributeError, AssertionError):
+            return 400, {"code": CODE_PARAM, "msg": "invalid card json"}
+        card_id = str(7_300_000_000_000_000_000 + len(self.cards))
+        streaming = bool((card.get("config") or {}).get("streaming_mode"))
+        self.cards[card_id] = FakeCard(card_id, card, streaming,
+                                       {e["element_id"]: dict(e) for e in elements
+                                        if "element_id" in e})
+        self.changed()
+        return 200, {"code": 0, "msg": "success", "data": {"card_id": card_id}}
+
+    def _card_op(self, request: dict, suffix: str):
+        refused = self._auth(request)
+        if refused:
+            return refused, None, None
+        parts = request["path"].split("/")  # ['', open-apis, cardkit, v1, cards, id, ...]
+        card = self.cards.get(parts[5]) if len(parts) > 5 else None
+        if card is None:
+            return (400, {"code": CARD_NOT_FOUND, "msg": "The card entity does not exist"}), \
+                None, None
+        body = request["json"] if isinstance(request["json"], dict) else {}
+        seq = body.get("sequence")
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= 2**31 - 1:
+            return (400, {"code": CODE_PARAM, "msg": "invalid sequence"}), None, None
+        if seq <= card.last_sequence:
+            return (400, {"code": CARD_SEQUENCE, "msg": "The sequence number for operating on "
+                          "the card did not increment consecutively"}), None, None
+        return None, card, (parts, body, seq)
+
+    def _card_content(self, request: dict):
+        refused, card, rest = self._card_op(request, "content")
+        if refused:
+            return refused
+        parts, body, seq = rest
+        if len(parts) != 9 or parts[6] != "elements" or parts[8] != "content":
+            return 404, {"code": 404, "msg": "no such route"}
+        element = card.elements.get(parts[7])
+        content = body.get("content")
+        if not card.streaming:
+            return 400, {"code": CARD_STREAMING_CLOSED, "msg": "Card streaming closed"}
+        if element is None or element.get("tag") not in ("markdown", "plain_text"):
+            return 400, {"code": CARD_NOT_TEXT, "msg": "Only update text"}
+        if not isinstance(content, str) or not 1 <= len(content) <= 100_000:
+            return 400, {"code": CODE_PARAM, "msg": "invalid content"}
+        card.last_sequence = seq
+        element["content"] = content
+        card.ops.append(("content", seq, content))
+        if card.reply is not None:
+            card.reply.text = content
+        self.changed()
+        return 200, {"code": 0, "msg": "success", "data": {}}
+
+    def _card_settings(self, request: dict):
+        refused, card, rest = self._card_op(request, "settings")
+        if refused:
+            return refused
+        parts, body, seq = rest
+        try:
+            settings = json.loads(body.get("settings") or "")
+            config = settings.get("config") or {}
+        except (ValueError, AttributeError):
+            return 400, {"code": CODE_PARAM, "msg": "invalid settings"}
+        card.last_sequence = seq
+        if "streaming_mode" in config:
+            card.streaming = bool(config["streaming_mode"])
+        card.ops.append(("settings", seq, config))
+        self.changed()
+        return 200, {"code": 0, "msg": "success", "data": {}}
 
     def _endpoint(self, request: dict):
         if self._endpoint_faults:
@@ -568,12 +785,31 @@ class FakeFeishuServer(FakePlatformServer):
                 return 400, {"code": 230001, "msg": "invalid receive_id"}
         else:
             return 404, {"code": 404, "msg": "no such route"}
+        msg_type = body.get("msg_type")
+        card = file = None
         try:
             content = json.loads(body.get("content", ""))
-            text = content["text"]
-            assert body.get("msg_type") == "text" and isinstance(text, str)
+            if msg_type == "interactive":
+                card = self.cards.get(content["data"]["card_id"])
+                assert content.get("type") == "card" and card is not None
+                text = card.text(next(iter(card.elements), ""))
+            elif msg_type in ("image", "file"):
+                file = self.uploaded.get(content["image_key" if msg_type == "image"
+                                                 else "file_key"])
+                assert file is not None and file[0] == msg_type
+                text = ""
+            else:
+                text = content["text"]
+                assert msg_type == "text" and isinstance(text, str)
         except (ValueError, KeyError, TypeError, AssertionError):
-            return 400, {"code": 230001, "msg": "invalid text content"}
+            return 400, {"code": 230001, "msg": "invalid content"}
+        if card is not None and card.reply is not None and body.get("uuid") not in self._uuids:
+            return 400, {"code": CODE_CARD_SENT, "msg": "the card entity was sent already"}
+        if file is not None and not self._release.is_set():
+            self.held_sends += 1
+            self.changed()
+            self._release.wait()
+            return 502, {"code": 502, "msg": "dropped"}
         uid = body.get("uuid")
         if uid is not None and (not isinstance(uid, str) or len(uid) > 50):
             return 400, {"code": 230001, "msg": "invalid uuid"}
@@ -581,14 +817,20 @@ class FakeFeishuServer(FakePlatformServer):
             reply = self._uuids[uid]
             self.log_event("reply_deduplicated")
         else:
-            reply = Reply(target, text, uid, chat_id, time.monotonic(), f"om_{uuid.uuid4().hex}")
-            self.replies.append(reply)
+            reply = Reply(target, text, uid, chat_id, time.monotonic(), f"om_{uuid.uuid4().hex}",
+                          card_id=card.card_id if card is not None else None)
+            if file is not None:  # shown as a file, not as a text reply
+                self.files.append(SentFile(target or "", file[1], file[2], file[0]))
+            else:
+                self.replies.append(reply)
+            if card is not None:
+                card.reply = reply
             if uid is not None:
                 self._uuids[uid] = reply
             self.changed()
         return 200, {"code": 0, "msg": "success",
                      "data": {"message_id": reply.reply_id, "chat_id": reply.chat_id,
-                              "msg_type": "text", "parent_id": target or ""}}
+                              "msg_type": msg_type, "parent_id": target or ""}}
 
 
 class Driver(PlatformDriver):
@@ -623,6 +865,27 @@ class Driver(PlatformDriver):
 
     def reply_rows(self) -> list[ReplyRow]:
         return [ReplyRow(r.message_id or "", r.text, r.at) for r in self.fake.replies]
+
+    def user_sends_media(self, data: bytes, *, kind: str, name: str, mime: str,
+                         transcript: str | None = None, chat: int = 0) -> str:
+        message_type = {"image": "image", "voice": "audio"}.get(kind, "file")
+        return self.fake.send_user_media(data, message_type, content_type=mime, file_name=name,
+                                         open_id=f"ou_user{chat}")
+
+    def files_sent(self) -> list[SentFile]:
+        return list(self.fake.files)
+
+    def uploads(self) -> int:
+        return len(self.fake.uploaded)
+
+    def hold_file_sends(self) -> None:
+        self.fake.hold_file_sends()
+
+    def held_file_sends(self) -> int:
+        return self.fake.held_sends
+
+    def release_file_sends(self) -> None:
+        self.fake.release_file_sends()
 
     def lateness(self) -> list[float]:
         return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)

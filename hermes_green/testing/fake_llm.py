@@ -26,9 +26,22 @@ Client disconnects mid-stream are noticed at once (the handler watches its socke
 chunks) and recorded in `disconnects` (request numbers) and the `disconnected` event.
 With `api_key`, every request must carry `Authorization: Bearer <key>` (401 otherwise).
 `GET /v1/models` lists the model. `stream: false` requests get a whole chat.completion.
+
+Content parts (vision): a user message's `content` may be a list of `{"type": "text", "text"}`
+and `{"type": "image_url", "image_url": {"url": "data:<mime>;base64,..." | "https://..."}}`
+parts, as the OpenAI API takes them; anything else in such a list is a 400, as a data: URL that
+is not valid base64 is. `fake.images(request)` decodes a request's images; the auto mode reads
+the text parts (and says how many images it saw).
+
+Transcription: `POST /v1/audio/transcriptions` takes multipart/form-data with `file` and
+`model` (OpenAI's audio API) and answers `{"text"}`: `fake.transcripts` maps audio bytes to
+text; unknown audio that starts with b"SPEECH:" is transcribed as the rest of its bytes, other
+audio as "(inaudible)". Recorded in `fake.transcriptions` (model, filename, bytes).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import re
@@ -166,6 +179,8 @@ class FakeLLM:
         self._arrived = gevent.event.Event()
         self._server: WSGIServer | None = None
         self._count = 0
+        self.transcripts: dict[bytes, str] = {}
+        self.transcriptions: list[tuple[str, str, bytes]] = []  # (model, filename, audio)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> "FakeLLM":
@@ -208,6 +223,25 @@ class FakeLLM:
     def chat_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
 
+    @staticmethod
+    def images(request: "RecordedRequest") -> list[tuple[str, bytes]]:
+        """(mime, bytes) of every data: URL image in a chat request's messages."""
+        found = []
+        for m in request.body.get("messages", []):
+            for part in m.get("content") if isinstance(m.get("content"), list) else ():
+                url = (part.get("image_url") or {}).get("url", "") \
+                    if part.get("type") == "image_url" else ""
+                if url.startswith("data:"):
+                    head, _, data = url.partition(",")
+                    found.append((head[5:].split(";")[0], base64.b64decode(data)))
+        return found
+
+    @staticmethod
+    def user_text(request: "RecordedRequest") -> str:
+        """The text of the last user message (its text parts joined)."""
+        users = [m for m in request.body.get("messages", []) if m.get("role") == "user"]
+        return _text_of(users[-1].get("content")) if users else ""
+
     def wait_for_chat_requests(self, n: int, timeout: float = 5.0) -> bool:
         """Block (cooperatively) until n chat requests arrived."""
         deadline = time.monotonic() + timeout
@@ -222,7 +256,8 @@ class FakeLLM:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         raw = environ["wsgi.input"].read() if method == "POST" else b""
         try:
-            body = json.loads(raw) if raw else None
+            body = json.loads(raw) if raw and not path.endswith("/audio/transcriptions") \
+                else None
         except ValueError:
             body = None
         headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
@@ -243,8 +278,30 @@ class FakeLLM:
         if method == "POST" and path.endswith("/chat/completions"):
             if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
                 return _json(start_response, 400, {"error": {"message": "messages required"}})
+            problem = _content_problem(body["messages"])
+            if problem:
+                return _json(start_response, 400, {"error": {"message": problem}})
             return self._chat(environ, start_response, body, self._count)
+        if method == "POST" and path.endswith("/audio/transcriptions"):
+            return self._transcribe(start_response, headers, raw)
         return _json(start_response, 404, {"error": {"message": f"no route {method} {path}"}})
+
+    def _transcribe(self, start_response, headers: dict, raw: bytes):
+        from .harness import parse_multipart
+        try:
+            fields, files = parse_multipart({"headers": {"Content-Type": headers.get(
+                "content-type", "")}, "body": raw})
+        except ValueError as e:
+            return _json(start_response, 400, {"error": {"message": str(e)}})
+        audio = files.get("file")
+        if audio is None or not fields.get("model") or not audio.data:
+            return _json(start_response, 400, {"error": {"message": "file and model required"}})
+        self.transcriptions.append((fields["model"], audio.filename or "", audio.data))
+        text = self.transcripts.get(audio.data)
+        if text is None:
+            text = (audio.data[7:].decode("utf-8", "replace") if audio.data.startswith(b"SPEECH:")
+                    else "(inaudible)")
+        return _json(start_response, 200, {"text": text})
 
     def _chat(self, environ, start_response, body: dict, number: int):
         response = self._queue.popleft() if self._queue else self._auto(body)
@@ -386,7 +443,7 @@ class FakeLLM:
     def _auto(self, body: dict) -> Response:
         messages = body["messages"]
         last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
-        user_text = str(messages[last_user].get("content") or "") if last_user >= 0 else ""
+        user_text = _text_of(messages[last_user].get("content")) if last_user >= 0 else ""
         offered = {t.get("function", {}).get("name") for t in body.get("tools") or []}
         if body.get("tool_choice") == "none":
             offered = set()
@@ -399,7 +456,11 @@ class FakeLLM:
         results = [str(m.get("content")) for m in since if m.get("role") == "tool"]
         if results:
             return Text("Tool results: " + "; ".join(results) + ".")
-        return Text(f"You said: {user_text[:200]}. {LONG_ANSWER}")
+        content = messages[last_user].get("content") if last_user >= 0 else None
+        images = sum(1 for p in content if p.get("type") == "image_url") \
+            if isinstance(content, list) else 0
+        seen = f" I see {images} image{'s' if images != 1 else ''}." if images else ""
+        return Text(f"You said: {user_text[:200]}.{seen} {LONG_ANSWER}")
 
 
 def _auto_arguments(name: str, user_text: str) -> dict:
@@ -413,6 +474,45 @@ def _auto_arguments(name: str, user_text: str) -> dict:
 
 
 _GONE = object()  # marker from _events: the client left while we waited
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content
+                        if isinstance(p, dict) and p.get("type") == "text")
+    return str(content or "")
+
+
+def _content_problem(messages: list) -> str | None:
+    """What the OpenAI API would refuse in content-part lists (None: fine)."""
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    return f"{where}.text must be a string"
+            elif kind == "image_url":
+                url = (part.get("image_url") or {}).get("url") \
+                    if isinstance(part.get("image_url"), dict) else None
+                if not isinstance(url, str):
+                    return f"{where}.image_url.url is required"
+                if url.startswith("data:"):
+                    head, sep, data = url.partition(",")
+                    if not sep or not head.endswith(";base64") or not head[5:].startswith("image/"):
+                        return f"{where}: invalid image data URL"
+                    try:
+                        base64.b64decode(data, validate=True)
+                    except (binascii.Error, ValueError):
+                        return f"{where}: the image data is not valid base64"
+                elif not url.startswith(("https://", "http://")):
+                    return f"{where}: invalid image URL"
+            else:
+                return f"{where}: unknown content part type {kind!r}"
+    return None
 
 
 def _drop(sock) -> None:

@@ -34,18 +34,29 @@ Use from tests, the demo and benchmarks:
 Events sent while no client is connected are kept in the session and replayed on a resume within
 the window; events sent before any session exists (or after an op 9) are delivered after the next
 identify.
+
+Media: `send_user_media(data, kind, ...)` serves the file at a URL of the fake (QQ's CDN URLs need
+no token) and sends it as an attachment {content_type, url, filename, size}, a voice with
+`asr_refer_text` and `voice_wav_url`. Uploads: POST /v2/users|groups/{openid}/files {file_type 1
+image | 2 video | 3 voice, file_data (base64) or url, srv_send_msg} -> {file_uuid, file_info,
+ttl}; file_type 4 is refused ("not open", as botpy documents it). A reply with msg_type 7 needs a
+`media.file_info` this fake issued for that chat. `fake.files` records each file shown;
+hold_file_sends()/release_file_sends() hold msg_type 7 replies unprocessed.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import gevent.event
 from geventwebsocket.websocket import WebSocket
 
-from .driver import Keepalive, PlatformDriver, ReplyRow
+from .driver import Keepalive, PlatformDriver, ReplyRow, SentFile
 from .harness import Conn, FakePlatformServer
 
 INTENT_GROUP_AND_C2C = 1 << 25
@@ -71,6 +82,8 @@ PROACTIVE_QUOTA_PER_MONTH = 4
 RESUME_WINDOW_S = 60.0
 
 _REPLY_PATH = re.compile(r"^/v2/(users|groups)/([^/]+)/messages$")
+_FILES_PATH = re.compile(r"^/v2/(users|groups)/([^/]+)/files$")
+CODE_FILE_TYPE_CLOSED = 40034030  # the fake's own code (file_type 4 "暂不开放")
 
 
 @dataclass
@@ -152,6 +165,14 @@ class FakeQQBotServer(FakePlatformServer):
         self.current: Session | None = None
         self.pending: list[tuple[str, dict]] = []  # events before any session exists
         self.lost_events: list[tuple[str, Any]] = []  # sent to a session past its window
+        # media
+        self.file_infos: dict[str, tuple[str, str, int, bytes, str]] = {}  # info -> (kind,
+        #   openid, file_type, data, file_uuid)
+        self.files: list[SentFile] = []
+        self._file_replies: list[Reply] = []  # msg_type 7 replies (they count against 5)
+        self.held_sends = 0
+        self._release = gevent.event.Event()
+        self._release.set()
         # faults
         self.reject_tokens = False  # every REST call with a token answers 401
         self._fail_replies: list[int] = []
@@ -187,6 +208,28 @@ class FakeQQBotServer(FakePlatformServer):
         self.user_messages[msg_id] = UserMessage(msg_id, kind, chat, text, now)
         self.dispatch(event, d)
         return msg_id
+
+    def send_user_media(self, data: bytes, kind: str = "image", *, msg_kind: str = "c2c",
+                        openid: str = "user-openid-1", filename: str = "file",
+                        content_type: str = "", transcript: str | None = None,
+                        text: str = "") -> str:
+        url = self.host_media(data, content_type or "application/octet-stream")
+        if kind == "voice":
+            att = {"content_type": "voice", "url": url.replace("http:", "", 1),
+                   "filename": filename, "size": len(data),
+                   "voice_wav_url": self.host_media(data, "audio/wav")}
+            if transcript:
+                att["asr_refer_text"] = transcript
+        else:
+            att = {"content_type": content_type or ("file" if kind == "file" else kind),
+                   "url": url, "filename": filename, "size": len(data)}
+        return self.send_user_message(text, kind=msg_kind, openid=openid, attachments=[att])
+
+    def hold_file_sends(self) -> None:
+        self._release.clear()
+
+    def release_file_sends(self) -> None:
+        self._release.set()
 
     def dispatch(self, event: str, d: Any) -> None:
         """Send any dispatch event (unknown types included) to the current session."""
@@ -269,8 +312,36 @@ class FakeQQBotServer(FakePlatformServer):
             ("POST", "/app/getAppAccessToken"): self._token,
             ("GET", "/gateway/bot"): self._gateway,
             ("GET", "/users/@me"): self._me,
-            ("POST", "/v2/"): self._reply,
+            ("POST", "/v2/"): self._v2_post,
         }
+
+    def _v2_post(self, request: dict) -> tuple:
+        return (self._upload if _FILES_PATH.match(request["path"]) else self._reply)(request)
+
+    def _upload(self, request: dict) -> tuple:
+        m = _FILES_PATH.match(request["path"])
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
+        kind = "c2c" if m.group(1) == "users" else "group"
+        body = request["json"] if isinstance(request["json"], dict) else {}
+        file_type = body.get("file_type")
+        if file_type == 4:
+            return self._reject(None, None, 400, CODE_FILE_TYPE_CLOSED, "file_type 4 not open")
+        if file_type not in (1, 2, 3) or not isinstance(body.get("srv_send_msg", False), bool):
+            return self._reject(None, None, 400, CODE_BAD_REQUEST, "invalid file_type")
+        if body.get("srv_send_msg"):
+            return self._reject(None, None, 400, CODE_BAD_REQUEST, "srv_send_msg unsupported")
+        try:
+            data = base64.b64decode(body.get("file_data") or "", validate=True)
+        except (binascii.Error, ValueError):
+            data = b""
+        if not data:
+            return self._reject(None, None, 400, CODE_BAD_REQUEST, "file_data required")
+        info, file_uuid = uuid.uuid4().hex + uuid.uuid4().hex, uuid.uuid4().hex
+        self.file_infos[info] = (kind, m.group(2), file_type, data, file_uuid)
+        self.changed()
+        return 200, {"file_uuid": file_uuid, "file_info": info, "ttl": 3600}
 
     def _token(self, request: dict) -> tuple:
         self.token_requests += 1
@@ -333,10 +404,22 @@ class FakeQQBotServer(FakePlatformServer):
         if self._fail_replies:
             status = self._fail_replies.pop(0)
             return self._reject(msg_id, msg_seq, status, status, "injected failure")
+        if body.get("msg_type") == 7 and not self._release.is_set():
+            self.held_sends += 1
+            self.changed()
+            self._release.wait()
+            return 502, {"code": 502, "message": "dropped"}
         if msg_id is None and "event_id" not in body:
             return self._proactive(kind, openid, body)
         content = body.get("content")
-        if (body.get("msg_type") != 0 or not isinstance(content, str) or not content
+        media = body.get("media") if isinstance(body.get("media"), dict) else {}
+        stored = self.file_infos.get(media.get("file_info")) if body.get("msg_type") == 7 \
+            else None
+        if body.get("msg_type") == 7:
+            if stored is None or stored[:2] != (kind, openid):
+                return self._reject(msg_id, msg_seq, 400, CODE_BAD_REQUEST, "invalid file_info")
+            content = content if isinstance(content, str) and content else " "
+        if (body.get("msg_type") not in (0, 7) or not isinstance(content, str) or not content
                 or not isinstance(msg_seq, int) or isinstance(msg_seq, bool) or msg_seq < 1):
             return self._reject(msg_id, msg_seq, 400, CODE_BAD_REQUEST, "invalid request")
         original = self.user_messages.get(msg_id) if isinstance(msg_id, str) else None
@@ -345,7 +428,7 @@ class FakeQQBotServer(FakePlatformServer):
         if time.monotonic() - original.at > self.reply_window_s[kind]:
             return self._reject(msg_id, msg_seq, 400, CODE_WINDOW_EXPIRED,
                                 "passive reply window expired")
-        earlier = [r for r in self.replies if r.msg_id == msg_id]
+        earlier = [r for r in self.replies + self._file_replies if r.msg_id == msg_id]
         if any(r.msg_seq == msg_seq for r in earlier):
             return self._reject(msg_id, msg_seq, 400, CODE_DUPLICATE,
                                 "消息被去重，请检查请求msgseq")
@@ -354,7 +437,12 @@ class FakeQQBotServer(FakePlatformServer):
                                 "passive reply limit reached")
         reply = Reply(msg_id, msg_seq, content, kind, openid, time.monotonic(),
                       uuid.uuid4().hex)
-        self.replies.append(reply)
+        if stored is not None:  # a file: shown as the file, not as a text reply
+            self.files.append(SentFile(msg_id, "", stored[3],  # QQ carries no file name
+                                       {1: "image", 2: "video", 3: "voice"}[stored[2]]))
+            self._file_replies.append(reply)
+        else:
+            self.replies.append(reply)
         self.changed()
         return 200, {"id": reply.reply_id, "timestamp": _iso()}
 
@@ -549,6 +637,29 @@ class Driver(PlatformDriver):
 
     def reply_rows(self) -> list[ReplyRow]:
         return [ReplyRow(r.msg_id, r.content, r.at) for r in self.fake.replies]
+
+    transcribes_voice = True  # asr_refer_text
+
+    def user_sends_media(self, data: bytes, *, kind: str, name: str, mime: str,
+                         transcript: str | None = None, chat: int = 0) -> str:
+        return self.fake.send_user_media(data, kind, openid=f"user-openid-{chat}", filename=name,
+                                         content_type=mime if kind == "image" else "",
+                                         transcript=transcript)
+
+    def files_sent(self) -> list[SentFile]:
+        return list(self.fake.files)
+
+    def uploads(self) -> int:
+        return len(self.fake.file_infos)
+
+    def hold_file_sends(self) -> None:
+        self.fake.hold_file_sends()
+
+    def held_file_sends(self) -> int:
+        return self.fake.held_sends
+
+    def release_file_sends(self) -> None:
+        self.fake.release_file_sends()
 
     def lateness(self) -> list[float]:
         return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)

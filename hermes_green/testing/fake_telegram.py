@@ -47,6 +47,16 @@ What it enforces:
   (docs: sendChatAction) -- `typing_visible(chat, at)` answers whether it was on.
 - deleteWebhook(drop_pending_updates) forgets the queue when asked (docs: deleteWebhook).
 
+Media (Bot API getFile / sendPhoto / sendDocument; Client.cpp for the errors):
+- `user_sends_media(data, kind=photo|document|voice, ...)`: a message with `photo` (PhotoSize
+  list), `document` {file_id, file_name, mime_type, file_size} or `voice` {file_id, duration,
+  mime_type, file_size}; getFile(file_id) -> {file_id, file_unique_id, file_size, file_path},
+  400 "Bad Request: file is too big" past 20 MB, 400 "Bad Request: invalid file_id" for an
+  unknown one; the bytes at GET {http_base}/file/bot<token>/<file_path>.
+- sendPhoto / sendDocument take multipart/form-data (or a file_id string): photos up to 10 MB,
+  documents up to 50 MB (413 "Request Entity Too Large" beyond); `fake.files` records each;
+  hold_file_sends()/release_file_sends() hold them unprocessed.
+
 Not modelled: the server's anti-tight-loop clamps for repeated short polls with one offset
 (Client::process_get_updates_query raises timeout to 3 s, limit to 1), the 24 h update TTL,
 parse_mode markup (length counts the raw text), media, group -> supergroup migration.
@@ -72,14 +82,15 @@ import logging
 import re
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
 import gevent.event
 
-from .driver import Keepalive, PlatformDriver, ReplyRow
-from .harness import FakePlatformServer
+from .driver import Keepalive, PlatformDriver, ReplyRow, SentFile
+from .harness import FakePlatformServer, parse_multipart
 
 DEFAULT_TOKEN = "123456789:AAH-fake-telegram-token-for-tests-0001"
 MAX_TEXT_CHARS = 4096  # tdlib/td OptionManager.cpp message_text_length_max default
@@ -99,6 +110,9 @@ CHAT_ACTIONS = {"typing", "upload_photo", "record_video", "upload_video", "recor
 # message_reaction, and message_reaction_count (default)"
 _NOT_BY_DEFAULT = {"chat_member", "message_reaction", "message_reaction_count"}
 TYPING_SECONDS = 5.0  # docs: sendChatAction "The status is set for 5 seconds or less"
+DOWNLOAD_LIMIT = 20 * 1024 * 1024  # docs: getFile "files of up to 20MB in size"
+PHOTO_LIMIT = 10 * 1024 * 1024  # docs: sendPhoto "The photo must be at most 10 MB in size"
+UPLOAD_LIMIT = 50 * 1024 * 1024  # docs: sendDocument "up to 50 MB in size"
 _COMMAND = re.compile(r"(?<!\S)/[A-Za-z0-9_]{1,32}(?:@[A-Za-z0-9_]{3,32})?")
 _MENTION = re.compile(r"(?<![\w@])@[A-Za-z0-9_]{3,32}")
 
@@ -192,6 +206,13 @@ class FakeTelegramServer(FakePlatformServer):
         self._polls_open.set()
         self._hold_above: int | None = None
         self._polls_discard = False
+        # media
+        self.stored_files: dict[str, tuple[bytes, str]] = {}  # file_id -> (data, file_path)
+        self.files: list[SentFile] = []
+        self.file_uploads = 0
+        self.held_sends = 0
+        self._release = gevent.event.Event()
+        self._release.set()
         self.add_bot(token, username, first_name)
 
     # -- bots, users and chats ---------------------------------------------------------------
@@ -256,6 +277,34 @@ class FakeTelegramServer(FakePlatformServer):
             "emoji": "\U0001F44D"}})
         self._store_and_queue(token, message, "message")
         return message["message_id"]
+
+    def user_sends_media(self, data: bytes, kind: str = "photo", *, chat: dict | None = None,
+                         user: dict | None = None, file_name: str = "file",
+                         mime_type: str = "application/octet-stream", caption: str = "",
+                         token: str | None = None) -> int:
+        file_id = f"AgAC{uuid.uuid4().hex}"
+        folder = {"photo": "photos", "voice": "voice", "document": "documents"}[kind]
+        self.stored_files[file_id] = (data, f"{folder}/file_{len(self.stored_files)}"
+                                            f"{'.jpg' if kind == 'photo' else ''}")
+        meta = {"file_id": file_id, "file_unique_id": file_id[-12:], "file_size": len(data)}
+        if kind == "photo":
+            extra: dict = {"photo": [dict(meta, width=640, height=480)]}
+        elif kind == "voice":
+            extra = {"voice": dict(meta, duration=2, mime_type=mime_type)}
+        else:
+            extra = {"document": dict(meta, file_name=file_name, mime_type=mime_type)}
+        if caption:
+            extra["caption"] = caption
+        user = user or self.user()
+        message = self._new_message(token, chat or self.private_chat(user), user, extra)
+        self._store_and_queue(token, message, "message")
+        return message["message_id"]
+
+    def hold_file_sends(self) -> None:
+        self._release.clear()
+
+    def release_file_sends(self) -> None:
+        self._release.set()
 
     def user_edits(self, chat: dict, message_id: int, text: str, *,
                    token: str | None = None) -> None:
@@ -418,7 +467,17 @@ class FakeTelegramServer(FakePlatformServer):
 
     # -- HTTP ---------------------------------------------------------------------------------
     def routes(self):
-        return {("GET", "/bot"): self._api, ("POST", "/bot"): self._api}
+        return {("GET", "/bot"): self._api, ("POST", "/bot"): self._api,
+                ("GET", "/file/bot"): self._file}
+
+    def _file(self, request: dict) -> tuple:
+        """GET /file/bot<token>/<file_path>: the bytes getFile pointed at."""
+        token, _, path = request["path"][len("/file/bot"):].partition("/")
+        bot = self.bots.get(token)
+        found = next((d for d, p in self.stored_files.values() if p == path), None)
+        if bot is None or found is None:
+            return 404, {"ok": False, "error_code": 404, "description": "Not Found"}
+        return 200, found, {"Content-Type": "application/octet-stream"}
 
     def _api(self, request: dict) -> tuple:
         path = request["path"][len("/bot"):]
@@ -449,7 +508,8 @@ class FakeTelegramServer(FakePlatformServer):
                 "deletewebhook": self._delete_webhook, "setwebhook": self._set_webhook,
                 "getwebhookinfo": self._get_webhook_info, "sendmessage": self._send_message,
                 "editmessagetext": self._edit_message_text,
-                "sendchataction": self._send_chat_action}
+                "sendchataction": self._send_chat_action, "getfile": self._get_file,
+                "sendphoto": self._send_photo, "senddocument": self._send_document}
 
     def _record(self, token: str, method: str, params: dict, *, rival: bool = False) -> ApiCall:
         call = ApiCall(time.monotonic(), token, method, params, rival=rival)
@@ -638,6 +698,60 @@ class FakeTelegramServer(FakePlatformServer):
                 sent.edits.append(text)
         return 200, _ok(message)
 
+    def _get_file(self, bot: Bot, params: dict, call: ApiCall) -> tuple:
+        stored = self.stored_files.get(str(params.get("file_id") or ""))
+        if stored is None:
+            raise _Answer(400, "Bad Request: invalid file_id")
+        if len(stored[0]) > DOWNLOAD_LIMIT:
+            raise _Answer(400, "Bad Request: file is too big")
+        return 200, _ok({"file_id": params["file_id"], "file_unique_id": params["file_id"][-12:],
+                         "file_size": len(stored[0]), "file_path": stored[1]})
+
+    def _send_photo(self, bot: Bot, params: dict, call: ApiCall) -> tuple:
+        return self._send_media(bot, params, "photo", PHOTO_LIMIT)
+
+    def _send_document(self, bot: Bot, params: dict, call: ApiCall) -> tuple:
+        return self._send_media(bot, params, "document", UPLOAD_LIMIT)
+
+    def _send_media(self, bot: Bot, params: dict, field_name: str, limit: int) -> tuple:
+        upload = params.get(field_name)
+        if upload is None or upload == "":
+            raise _Answer(400, f"Bad Request: there is no {field_name} in the request")
+        if isinstance(upload, str):  # a file_id or URL: not what our bot sends
+            raise _Answer(400, "Bad Request: wrong file identifier/HTTP URL specified")
+        self.file_uploads += 1  # upload and send are one request here
+        if not self._release.is_set():
+            self.held_sends += 1
+            self.changed()
+            self._release.wait()
+            raise _Answer(502, "Bad Gateway")
+        if len(upload.data) > limit:
+            raise _Answer(413, "Request Entity Too Large")
+        chat = self._chat(bot, params)
+        reply = params.get("reply_parameters") if isinstance(params.get("reply_parameters"),
+                                                              dict) else {}
+        reply_id = _int(reply.get("message_id"), 0)
+        if reply_id and (chat["id"], reply_id) not in bot.messages:
+            if not _bool(reply.get("allow_sending_without_reply")):
+                raise _Answer(400, "Bad Request: message to be replied not found")
+            reply_id = 0
+        me = {"id": bot.id, "is_bot": True, "first_name": bot.first_name,
+              "username": bot.username}
+        message = self._new_message(bot.token, chat, me)
+        file_id = f"BQAC{uuid.uuid4().hex}"
+        message[field_name] = ([{"file_id": file_id, "file_size": len(upload.data)}]
+                               if field_name == "photo" else
+                               {"file_id": file_id, "file_name": upload.filename,
+                                "file_size": len(upload.data)})
+        if params.get("caption"):
+            message["caption"] = str(params["caption"])
+        bot.messages[(chat["id"], message["message_id"])] = message
+        self.files.append(SentFile(f"{chat['id']}:{reply_id}" if reply_id else "",
+                                   upload.filename or "", upload.data,
+                                   "image" if field_name == "photo" else "file"))
+        self.changed()
+        return 200, _ok(message)
+
     def _send_chat_action(self, bot: Bot, params: dict, call: ApiCall) -> tuple:
         chat = self._chat(bot, params)
         action = params.get("action")
@@ -766,6 +880,13 @@ def _params(request: dict) -> dict:
     elif body and ctype == "application/x-www-form-urlencoded":
         params.update({k: v[-1] for k, v in
                        urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()})
+    elif body and ctype == "multipart/form-data":
+        try:
+            fields, files = parse_multipart(request)
+        except ValueError:
+            raise _Answer(400, "Bad Request: can't parse multipart form") from None
+        params.update(fields)
+        params.update(files)
     elif body:
         raise _Answer(400, "Bad Request: unsupported Content-Type")  # *unverified* wording
     for key in _JSON_PARAMS:  # form/query values of object parameters are JSON-serialized
@@ -828,6 +949,30 @@ class Driver(PlatformDriver):
     def reply_rows(self) -> list[ReplyRow]:
         return [ReplyRow(f"{m.chat_id}:{m.reply_to}", m.edits[-1] if m.edits else m.text, m.at)
                 for m in self.fake.sent_messages() if m.reply_to is not None]
+
+    def user_sends_media(self, data: bytes, *, kind: str, name: str, mime: str,
+                         transcript: str | None = None, chat: int = 0) -> str:
+        sender = self.fake.user(chat + 1)
+        where = self.fake.private_chat(sender)
+        mid = self.fake.user_sends_media(
+            data, {"image": "photo", "voice": "voice"}.get(kind, "document"), chat=where,
+            user=sender, file_name=name, mime_type=mime)
+        return f"{where['id']}:{mid}"
+
+    def files_sent(self) -> list[SentFile]:
+        return list(self.fake.files)
+
+    def uploads(self) -> int:
+        return self.fake.file_uploads
+
+    def hold_file_sends(self) -> None:
+        self.fake.hold_file_sends()
+
+    def held_file_sends(self) -> int:
+        return self.fake.held_sends
+
+    def release_file_sends(self) -> None:
+        self.fake.release_file_sends()
 
     def drop(self) -> None:
         """The poll in flight fails at once (a proxy or load balancer cut it); with none in

@@ -26,9 +26,22 @@ Test and demo API:
             refuse_subscribe(n, errcode), withhold_answers(n), answer_delay_s, expire_req_ids(),
             advance_time(s) (moves the fake's validity clock: req_id ttl, stream age)
 The WeCom protocol has no REST step, so the harness's REST faults do not apply.
+
+Media (WecomTeam/aibot-node-sdk src/crypto.ts and src/client.ts, see platforms/wecom.py):
+    fake.send_user_media(data, kind="image"|"file"|"video", ...)   serves the file encrypted
+        with a fresh aeskey (AES-256-CBC, IV = key[:16], PKCS#7 to 32 bytes) at a URL valid
+        `media_ttl_s` (5 minutes), and sends the callback with url + aeskey
+    uploads: aibot_upload_media_init / _chunk / _finish are checked (chunks <= 512 KB before
+        base64, <= 100, indexes 0..n-1 once each, total size and md5 as announced); media ids
+        are valid 3 days; aibot_send_msg with msgtype image|file|voice|video needs a media id
+        of that type. fake.uploaded (media_id -> Upload), fake.files (SentFile per file shown)
+    hold_file_sends() / release_file_sends(): media sends go unanswered and unprocessed
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,7 +49,7 @@ from typing import Any
 
 import gevent
 
-from .driver import Keepalive, PlatformDriver, ReplyRow
+from .driver import Keepalive, PlatformDriver, ReplyRow, SentFile
 from .harness import Conn, FakePlatformServer
 
 ERR_OK = 0
@@ -50,6 +63,29 @@ ERR_STREAM_FINISHED = 990004  # a different frame for a stream already finished
 ERR_UNKNOWN_CHAT = 990005  # proactive message to a chat that never wrote to the bot
 
 CONTENT_MAX_BYTES = 20480
+UPLOAD_CHUNK_BYTES = 512 * 1024
+UPLOAD_MAX_CHUNKS = 100
+MEDIA_TYPES = ("image", "file", "voice", "video")
+
+
+def encrypt_file(data: bytes, key: bytes) -> bytes:
+    """What the WeCom server does to a file before handing out its URL."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    pad = 32 - len(data) % 32
+    enc = Cipher(algorithms.AES(key), modes.CBC(key[:16])).encryptor()
+    return enc.update(data + bytes([pad]) * pad) + enc.finalize()
+
+
+@dataclass
+class Upload:
+    type: str
+    filename: str
+    total_size: int
+    total_chunks: int
+    md5: str | None
+    chunks: dict = field(default_factory=dict)
+    media_id: str | None = None
+    data: bytes = b""
 
 
 @dataclass
@@ -108,6 +144,12 @@ class FakeWeComServer(FakePlatformServer):
         self.repeated_finishes: list[str] = []  # req_ids finished again with the same content
         self.refusals: list[tuple[str, str, int]] = []  # (cmd, req_id, errcode)
         self.undelivered: list[str] = []  # msgids sent while no connection was subscribed
+        self.uploads: dict[str, Upload] = {}  # upload_id -> Upload
+        self.uploaded: dict[str, Upload] = {}  # media_id -> finished Upload
+        self.files: list[SentFile] = []
+        self.media_ttl_s = 300.0  # download URLs are valid 5 minutes
+        self._hold_sends = False
+        self.held_sends = 0
         self.keepalive_times: dict[int, list[float]] = {}
         self.subscribed_at: dict[int, float] = {}  # conn_id -> monotonic time of the answer
         self.chats: set[str] = set()  # chats that wrote to the bot (proactive allowed)
@@ -183,6 +225,29 @@ class FakeWeComServer(FakePlatformServer):
             self.undelivered.append(msgid)
         return msgid
 
+    def send_user_media(self, data: bytes, kind: str = "image", *, chattype: str = "single",
+                        userid: str = "alice", chatid: str | None = None,
+                        filename: str | None = None, aeskey: str | None = None,
+                        rate_bps: float | None = None) -> str:
+        """A user sends an image / file / video: served encrypted (at `rate_bps` when given),
+        the callback carries url + aeskey (without its base64 padding, as EncodingAESKey-style
+        keys are written)."""
+        key = os.urandom(32)
+        url = self.host_media(encrypt_file(data, key), "application/octet-stream",
+                              ttl_s=self.media_ttl_s, rate_bps=rate_bps)
+        payload: dict[str, Any] = {
+            "url": url, "aeskey": aeskey or base64.b64encode(key).decode().rstrip("=")}
+        if filename:
+            payload["filename"] = filename
+        return self.send_user_message(chattype=chattype, userid=userid, chatid=chatid,
+                                      msgtype=kind, payload=payload)
+
+    def hold_file_sends(self) -> None:
+        self._hold_sends = True
+
+    def release_file_sends(self) -> None:
+        self._hold_sends = False
+
     def send_event(self, eventtype: str, *, userid: str = "alice") -> None:
         conn = self._current
         if conn is not None:
@@ -240,7 +305,56 @@ class FakeWeComServer(FakePlatformServer):
             return self._respond(conn, req_id, body)
         if cmd == "aibot_send_msg":
             return self._send_msg(conn, req_id, body)
+        if cmd == "aibot_upload_media_init":
+            return self._upload_init(conn, req_id, body)
+        if cmd == "aibot_upload_media_chunk":
+            return self._upload_chunk(conn, req_id, body)
+        if cmd == "aibot_upload_media_finish":
+            return self._upload_finish(conn, req_id, body)
         self._answer(conn, cmd, req_id, ERR_BAD_REQUEST, "unknown cmd")
+
+    # -- media uploads ---------------------------------------------------------------------
+    def _upload_init(self, conn: Conn, req_id: str, body: dict) -> None:
+        cmd = "aibot_upload_media_init"
+        size, chunks = body.get("total_size"), body.get("total_chunks")
+        if (body.get("type") not in MEDIA_TYPES or not isinstance(body.get("filename"), str)
+                or not body["filename"] or not isinstance(size, int) or size <= 0
+                or not isinstance(chunks, int) or not 1 <= chunks <= UPLOAD_MAX_CHUNKS
+                or chunks != -(-size // UPLOAD_CHUNK_BYTES)):
+            return self._answer(conn, cmd, req_id, ERR_BAD_REQUEST, "invalid upload")
+        upload_id = f"up-{uuid.uuid4().hex[:12]}"
+        self.uploads[upload_id] = Upload(body["type"], body["filename"], size, chunks,
+                                         body.get("md5"))
+        self._answer(conn, cmd, req_id, ERR_OK, body={"upload_id": upload_id})
+
+    def _upload_chunk(self, conn: Conn, req_id: str, body: dict) -> None:
+        cmd = "aibot_upload_media_chunk"
+        up = self.uploads.get(body.get("upload_id"))
+        index = body.get("chunk_index")
+        try:
+            data = base64.b64decode(body.get("base64_data") or "", validate=True)
+        except (ValueError, TypeError):
+            data = b""
+        if (up is None or up.media_id is not None or not isinstance(index, int)
+                or not 0 <= index < up.total_chunks or not data
+                or len(data) > UPLOAD_CHUNK_BYTES):
+            return self._answer(conn, cmd, req_id, ERR_BAD_REQUEST, "invalid chunk")
+        up.chunks[index] = data
+        self._answer(conn, cmd, req_id, ERR_OK)
+
+    def _upload_finish(self, conn: Conn, req_id: str, body: dict) -> None:
+        cmd = "aibot_upload_media_finish"
+        up = self.uploads.get(body.get("upload_id"))
+        if up is None or sorted(up.chunks) != list(range(up.total_chunks)):
+            return self._answer(conn, cmd, req_id, ERR_BAD_REQUEST, "chunks missing")
+        data = b"".join(up.chunks[i] for i in range(up.total_chunks))
+        if len(data) != up.total_size or (up.md5 and hashlib.md5(data).hexdigest() != up.md5):
+            return self._answer(conn, cmd, req_id, ERR_BAD_REQUEST, "size or md5 mismatch")
+        up.data, up.media_id = data, f"media-{uuid.uuid4().hex[:16]}"
+        self.uploaded[up.media_id] = up
+        self.changed()
+        self._answer(conn, cmd, req_id, ERR_OK, body={
+            "type": up.type, "media_id": up.media_id, "created_at": str(int(time.time()))})
 
     def _subscribe(self, conn: Conn, req_id: str, body: dict) -> None:
         if self._refuse:
@@ -297,6 +411,8 @@ class FakeWeComServer(FakePlatformServer):
     def _send_msg(self, conn: Conn, req_id: str, body: dict) -> None:
         cmd = "aibot_send_msg"
         chatid = body.get("chatid")
+        if body.get("msgtype") in MEDIA_TYPES:
+            return self._send_media(conn, req_id, body)
         markdown = body.get("markdown")
         content = markdown.get("content") if isinstance(markdown, dict) else None
         if (not isinstance(chatid, str) or body.get("msgtype") != "markdown"
@@ -314,7 +430,26 @@ class FakeWeComServer(FakePlatformServer):
         self.replies.append(Reply(msgid, chatid, content, "proactive", req_id, conn.id))
         self._answer(conn, cmd, req_id, ERR_OK)
 
-    def _answer(self, conn: Conn, cmd: Any, req_id: str, errcode: int, errmsg: str = "ok") -> None:
+    def _send_media(self, conn: Conn, req_id: str, body: dict) -> None:
+        cmd = "aibot_send_msg"
+        if self._hold_sends:
+            self.held_sends += 1
+            self.log_event("file_send_held", conn)
+            return
+        chatid, kind = body.get("chatid"), body["msgtype"]
+        part = body.get(kind) if isinstance(body.get(kind), dict) else {}
+        up = self.uploaded.get(part.get("media_id"))
+        if up is None or up.type != kind:
+            return self._answer(conn, cmd, req_id, ERR_BAD_REQUEST, "invalid media_id")
+        if chatid not in self.chats:
+            return self._answer(conn, cmd, req_id, ERR_UNKNOWN_CHAT, "chat never wrote to the bot")
+        msgid = self._answering.get(chatid)
+        self.files.append(SentFile(msgid or "", up.filename, up.data, kind))
+        self.changed()
+        self._answer(conn, cmd, req_id, ERR_OK)
+
+    def _answer(self, conn: Conn, cmd: Any, req_id: str, errcode: int, errmsg: str = "ok",
+                body: dict | None = None) -> None:
         if errcode != ERR_OK:
             self.refusals.append((str(cmd), req_id, errcode))
         if cmd in ("aibot_respond_msg", "aibot_send_msg") and self._withhold > 0:
@@ -322,6 +457,8 @@ class FakeWeComServer(FakePlatformServer):
             self.log_event("answer_withheld", conn)
             return
         frame = {"headers": {"req_id": req_id}, "errcode": errcode, "errmsg": errmsg}
+        if body is not None:
+            frame["body"] = body
         if self.answer_delay_s and cmd != "ping":
             gevent.spawn_later(self.answer_delay_s, conn.send, frame)
         else:
@@ -379,7 +516,7 @@ class Driver(PlatformDriver):
     def redeliver(self, message_id: str) -> None:
         cb = next(c for c in self.fake.callbacks.values() if c.msgid == message_id)
         self.fake.send_user_message("again", chattype=cb.chattype, userid=cb.userid,
-                                    chatid=cb.conv if cb.chattype == "group" else None,
+                                    chatid=cb.chatid if cb.chattype == "group" else None,
                                     msgid=message_id)
 
     def go_silent(self, seconds: float) -> None:
@@ -388,6 +525,30 @@ class Driver(PlatformDriver):
 
     def reply_rows(self) -> list[ReplyRow]:
         return [ReplyRow(r.msgid, r.content, r.at) for r in self.fake.replies]
+
+    transcribes_voice = True
+
+    def user_sends_media(self, data: bytes, *, kind: str, name: str, mime: str,
+                         transcript: str | None = None, chat: int = 0) -> str:
+        userid = f"user{chat}"
+        if kind == "voice":  # WeCom sends the transcript, never the audio
+            return self.fake.send_user_message(transcript or "", msgtype="voice", userid=userid)
+        return self.fake.send_user_media(data, kind, userid=userid, filename=name)
+
+    def files_sent(self) -> list[SentFile]:
+        return list(self.fake.files)
+
+    def uploads(self) -> int:
+        return len(self.fake.uploaded)
+
+    def hold_file_sends(self) -> None:
+        self.fake.hold_file_sends()
+
+    def held_file_sends(self) -> int:
+        return self.fake.held_sends
+
+    def release_file_sends(self) -> None:
+        self.fake.release_file_sends()
 
     def lateness(self) -> list[float]:
         return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)

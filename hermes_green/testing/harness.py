@@ -19,13 +19,20 @@ Faults (all take effect at once, on every live connection unless one is named):
     rest_delay_s               every REST reply waits this long first
     rest_429(n, retry_after)   the next n REST calls get 429 with Retry-After
     refuse_connections()       an outage: nothing new is accepted until accept_connections()
+
+Media: `host_media(data, ...)` serves bytes at a URL of this fake (as a platform's CDN would),
+optionally slowly (`rate_bps`), until `expires_at`; `media_requests` records each fetch.
+`parse_multipart(request)` reads an upload the way the platform's server would.
 """
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import json
 import socket
 import struct
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,6 +49,48 @@ class FrameRecord:
     direction: str  # "in" (client -> fake) or "out"
     conn_id: int
     data: Any  # decoded JSON (dict) when the protocol is JSON, else raw
+
+
+@dataclass
+class HostedMedia:
+    data: bytes
+    content_type: str
+    rate_bps: float | None = None  # serve this slowly (bytes per second)
+    expires_at: float | None = None  # monotonic; later fetches get 403, as expired CDN links do
+    headers: dict = field(default_factory=dict)
+
+
+@dataclass
+class UploadedFile:
+    field: str
+    filename: str | None
+    content_type: str | None
+    data: bytes
+
+
+def parse_multipart(request: dict) -> tuple[dict[str, str], dict[str, UploadedFile]]:
+    """multipart/form-data -> (text fields, file parts by field name). ValueError when the body
+    is not multipart or is malformed (a real server answers 400)."""
+    ctype = request["headers"].get("Content-Type", "")
+    if not ctype.lower().startswith("multipart/form-data") or "boundary=" not in ctype:
+        raise ValueError("not multipart/form-data")
+    raw = b"Content-Type: " + ctype.encode("latin-1") + b"\r\n\r\n" + request["body"]
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(raw)
+    if not msg.is_multipart():
+        raise ValueError("malformed multipart body")
+    fields: dict[str, str] = {}
+    files: dict[str, UploadedFile] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            raise ValueError("a part without a name")
+        filename = part.get_param("filename", header="content-disposition")
+        data = part.get_payload(decode=True) or b""
+        if filename is not None:
+            files[name] = UploadedFile(name, filename, part.get_content_type(), data)
+        else:
+            fields[name] = data.decode("utf-8")
+    return fields, files
 
 
 @dataclass
@@ -174,6 +223,8 @@ class FakePlatformServer:
         self.rest_delay_s = 0.0
         self._rest_429: list[float] = []
         self.silent_until = 0.0
+        self.media: dict[str, HostedMedia] = {}
+        self.media_requests: list[tuple[float, str, dict]] = []  # (at, media id, headers)
         self._next_conn = 1
         self._changed = gevent.event.Event()
         self._server: pywsgi.WSGIServer | None = None
@@ -290,12 +341,59 @@ class FakePlatformServer:
     def rest_429(self, times: int = 1, retry_after: float = 1.0) -> None:
         self._rest_429.extend([retry_after] * times)
 
+    # -- media -------------------------------------------------------------------------------
+    media_path = "/__media__/"
+
+    def host_media(self, data: bytes, content_type: str = "application/octet-stream", *,
+                   rate_bps: float | None = None, ttl_s: float | None = None,
+                   headers: dict | None = None) -> str:
+        """Serve `data` at a new URL of this fake; returns the URL."""
+        media_id = uuid.uuid4().hex
+        self.media[media_id] = HostedMedia(
+            data, content_type, rate_bps,
+            time.monotonic() + ttl_s if ttl_s is not None else None, dict(headers or {}))
+        return f"{self.http_base}{self.media_path}{media_id}"
+
+    def _serve_media(self, environ, start_response):
+        media_id = environ.get("PATH_INFO", "")[len(self.media_path):]
+        headers = {k[5:].replace("_", "-").title(): v for k, v in environ.items()
+                   if k.startswith("HTTP_")}
+        self.media_requests.append((time.monotonic(), media_id, headers))
+        self.changed()
+        item = self.media.get(media_id)
+        refusal = self.media_refusal(media_id, headers)
+        if refusal is not None:
+            return self._respond(start_response, *refusal)
+        if item is None:
+            return self._respond(start_response, 404, {"message": "no such file"})
+        if item.expires_at is not None and time.monotonic() > item.expires_at:
+            return self._respond(start_response, 403, {"message": "link expired"})
+        start_response("200 OK", [("Content-Type", item.content_type),
+                                  ("Content-Length", str(len(item.data))),
+                                  *item.headers.items()])
+        if item.rate_bps is None:
+            return [item.data]
+        return self._trickle(item.data, item.rate_bps)
+
+    @staticmethod
+    def _trickle(data: bytes, rate_bps: float):
+        step = max(1024, int(rate_bps / 20))
+        for i in range(0, len(data), step):
+            yield data[i:i + step]
+            gevent.sleep(step / rate_bps)
+
+    def media_refusal(self, media_id: str, headers: dict) -> tuple | None:
+        """A platform whose file URLs need authorization refuses here (override)."""
+        return None
+
     # -- WSGI -------------------------------------------------------------------------------
     def _app(self, environ, start_response):
         ws = environ.get("wsgi.websocket")
         path = environ.get("PATH_INFO", "")
         if ws is not None:
             return self._serve_ws(ws, environ)
+        if path.startswith(self.media_path) and environ["REQUEST_METHOD"] == "GET":
+            return self._serve_media(environ, start_response)
         request = self._request(environ)
         self.rest_calls.append(request)
         self.changed()
@@ -317,9 +415,12 @@ class FakePlatformServer:
         raw = json.dumps(body).encode() if not isinstance(body, bytes) else body
         reason = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
                   429: "Too Many Requests", 400: "Bad Request", 500: "Internal Server Error"}
+        headers = dict(headers or {})
+        ctype = next((headers.pop(k) for k in list(headers) if k.lower() == "content-type"),
+                     "application/json")
         start_response(f"{status} {reason.get(status, 'Status')}",
-                       [("Content-Type", "application/json"),
-                        ("Content-Length", str(len(raw)))] + list((headers or {}).items()))
+                       [("Content-Type", ctype),
+                        ("Content-Length", str(len(raw)))] + list(headers.items()))
         return [raw]
 
     @staticmethod
