@@ -137,11 +137,13 @@ def run_gateway(config, config_path: str | None = None) -> int:
 
 
 def _open_store(config):
-    """The gateway's database, for the commands that work beside a running gateway."""
-    from .store import Store
-    store = Store(config.gateway.data_dir)
-    if not store.path.exists():
-        raise StoreError(f"{store.path}: no database yet (has the gateway run with this "
+    """The gateway's store (the SQLite file, or Redis with gateway.store), for the commands
+    that work beside a running gateway."""
+    from .store_base import make_store
+    store = make_store(config.gateway)
+    path = getattr(store, "path", None)
+    if path is not None and not path.exists():
+        raise StoreError(f"{path}: no database yet (has the gateway run with this "
                          f"config's data_dir?)")
     return store.open()
 

@@ -53,7 +53,7 @@ from .ratelimit import describe as describe_limit
 from .replies import split_reply
 from .runtime import HubWatch
 from .sessions import BusyPolicy, SessionManager, TurnStopped
-from .store import MAX_TURN_ATTEMPTS, Store
+from .store_base import MAX_TURN_ATTEMPTS, StoreBase, make_store
 
 log = logging.getLogger("hermes_green.gateway")
 
@@ -106,8 +106,9 @@ class Gateway:
                  hub_watch: HubWatch | None = None, config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path  # what SIGHUP reloads (None: reload is refused)
-        self.store = Store(config.gateway.data_dir,
-                           history_limit=max(2 * (config.agent.max_history if config.agent else 40), 2))
+        self.store: StoreBase = make_store(
+            config.gateway,
+            history_limit=max(2 * (config.agent.max_history if config.agent else 40), 2))
         self._agent = agent
         self._agent_injected = agent is not None  # a reload keeps an agent it did not build
         self.agent: Agent | None = None
