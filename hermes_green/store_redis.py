@@ -55,6 +55,9 @@ POOL_WAIT_S = 20.0  # a caller waits this long for a free connection, then error
 SOCKET_TIMEOUT_S = 10.0  # longer than any XREADGROUP BLOCK we issue
 CONNECT_TIMEOUT_S = 2.0
 MIN_SERVER = (6, 2)  # XAUTOCLAIM
+# A turn's result is worth keeping through a Redis restart: finish_turn retries this long (the
+# script is safe to repeat: a turn already closed is not written again).
+FINISH_RETRY_S = 30.0
 
 _JOURNAL = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -387,12 +390,28 @@ class RedisStore(StoreBase):
         if answer_text is not None:
             args["answer"] = json.dumps({"role": "assistant", "content": answer_text},
                                         ensure_ascii=False)
-        flat = self._finish(keys=[], args=[json.dumps(args, ensure_ascii=False)]) or []
+        flat = self._retrying(self._finish, [json.dumps(args, ensure_ascii=False)]) or []
         ids = []
         for i in range(0, len(flat), 2):  # (1-based part index, outbox id) of each new row
             parts[int(flat[i]) - 1].outbox_id = oid = int(flat[i + 1])
             ids.append(oid)
         return ids
+
+    def _retrying(self, script, args: list) -> list:
+        import gevent
+        import redis
+        deadline = time.monotonic() + FINISH_RETRY_S
+        wait = 0.1
+        while True:
+            try:
+                return script(keys=[], args=args)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                if time.monotonic() + wait > deadline:
+                    raise
+                log.warning("finish_turn waits for Redis error=%s retry_s=%.1f",
+                            type(e).__name__, wait)
+                gevent.sleep(wait)
+                wait = min(wait * 2, 2.0)
 
     # -- outbox ------------------------------------------------------------------------------
     def outbox_due(self, bot: str, *, limit: int = 50) -> list[OutboundMessage]:
