@@ -549,6 +549,9 @@ class Gateway:
         wake = self._outbox_wake[bot]
         senders = gevent.pool.Pool(OUTBOX_SEND_CONCURRENCY)
         chat_senders: dict[str, gevent.Greenlet] = {}
+        # Rows a sender finished with while the due rows were being read: a store whose read
+        # yields (Redis) may answer with a row whose send ended meanwhile; it is not sent again.
+        handled: set[int] = set()
         while True:
             adapter = self.adapters.get(bot)
             if adapter is None or not adapter.ready.is_set():
@@ -560,6 +563,7 @@ class Gateway:
                 wake.wait(1.0)
                 continue
             wake.clear()
+            handled.clear()
             try:
                 due = self.store.outbox_due(bot)
                 next_due = self.store.outbox_next_due_at(bot)
@@ -568,15 +572,16 @@ class Gateway:
                           type(e).__name__, str(e)[:200], STORE_RETRY_S)
                 wake.wait(STORE_RETRY_S)
                 continue
-            by_chat: dict[str, list[OutboundMessage]] = {}
-            for out in due:
+            by_chat: dict[str, list[OutboundMessage]] = {}  # (no yield from here to the spawns)
+            for out in (o for o in due if o.outbox_id not in handled):
                 by_chat.setdefault(out.chat_id, []).append(out)
             for chat_id, rows in by_chat.items():
                 running = chat_senders.get(chat_id)
                 if running is not None and not running.dead:
                     continue  # its sender wakes us when done; then the rest goes in order
                 chat_senders[chat_id] = spawn_owned(senders, self._send_rows, bot, adapter, rows,
-                                                    name=f"outbox:{bot}:{chat_id}", log=log)
+                                                    handled, name=f"outbox:{bot}:{chat_id}",
+                                                    log=log)
             for chat_id in [c for c, g in chat_senders.items() if g.dead]:
                 del chat_senders[chat_id]
             if next_due is None or chat_senders:
@@ -584,10 +589,13 @@ class Gateway:
             else:
                 wake.wait(min(1.0, max(0.01, next_due - time.time())))
 
-    def _send_rows(self, bot: str, adapter: PlatformAdapter, rows: list[OutboundMessage]) -> None:
+    def _send_rows(self, bot: str, adapter: PlatformAdapter, rows: list[OutboundMessage],
+                   handled: set[int]) -> None:
         try:
             for out in rows:
-                if not self._send_one(adapter, out):
+                sent = self._send_one(adapter, out)
+                handled.add(out.outbox_id)
+                if not sent:
                     break  # keep this chat's order: later parts wait for the failed one
         finally:
             self._outbox_wake[bot].set()

@@ -55,9 +55,10 @@ POOL_WAIT_S = 20.0  # a caller waits this long for a free connection, then error
 SOCKET_TIMEOUT_S = 10.0  # longer than any XREADGROUP BLOCK we issue
 CONNECT_TIMEOUT_S = 2.0
 MIN_SERVER = (6, 2)  # XAUTOCLAIM
-# A turn's result is worth keeping through a Redis restart: finish_turn retries this long (the
-# script is safe to repeat: a turn already closed is not written again).
-FINISH_RETRY_S = 30.0
+# What must not be lost is retried through a Redis restart this long: a turn's result
+# (finish_turn: safe to repeat, a closed turn is not written again) and a reply the platform
+# accepted (outbox_done: else it would be sent a second time).
+KEEP_TRYING_S = 30.0
 
 _JOURNAL = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -390,25 +391,26 @@ class RedisStore(StoreBase):
         if answer_text is not None:
             args["answer"] = json.dumps({"role": "assistant", "content": answer_text},
                                         ensure_ascii=False)
-        flat = self._retrying(self._finish, [json.dumps(args, ensure_ascii=False)]) or []
+        flat = self._retrying("finish_turn", self._finish, [],
+                              [json.dumps(args, ensure_ascii=False)]) or []
         ids = []
         for i in range(0, len(flat), 2):  # (1-based part index, outbox id) of each new row
             parts[int(flat[i]) - 1].outbox_id = oid = int(flat[i + 1])
             ids.append(oid)
         return ids
 
-    def _retrying(self, script, args: list) -> list:
+    def _retrying(self, what: str, script, keys: list, args: list):
         import gevent
         import redis
-        deadline = time.monotonic() + FINISH_RETRY_S
+        deadline = time.monotonic() + KEEP_TRYING_S
         wait = 0.1
         while True:
             try:
-                return script(keys=[], args=args)
+                return script(keys=keys, args=args)
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 if time.monotonic() + wait > deadline:
                     raise
-                log.warning("finish_turn waits for Redis error=%s retry_s=%.1f",
+                log.warning("%s waits for Redis error=%s retry_s=%.1f", what,
                             type(e).__name__, wait)
                 gevent.sleep(wait)
                 wait = min(wait * 2, 2.0)
@@ -434,10 +436,12 @@ class RedisStore(StoreBase):
 
     def _outbox_end(self, outbox_id: int, action: str, due_at: float = 0.0,
                     error: str = "") -> None:
-        self._end(keys=[self._k("ob", "rows"), self._k("ob", "attempts"),
-                        self._k("ob", "errors"), self._k("ob", "part"), self._k("ob", "bots"),
-                        self._k("ob", "deadbots")],
-                  args=[outbox_id, action, self._clock(), due_at, error[:300], self.prefix])
+        """Every outcome of a send is retried through an outage (each is safe to repeat): a
+        platform that took the reply must not get it again."""
+        self._retrying(f"outbox_{action}", self._end,
+                       [self._k("ob", "rows"), self._k("ob", "attempts"), self._k("ob", "errors"),
+                        self._k("ob", "part"), self._k("ob", "bots"), self._k("ob", "deadbots")],
+                       [outbox_id, action, self._clock(), due_at, error[:300], self.prefix])
 
     def outbox_done(self, outbox_id: int) -> None:
         self._outbox_end(outbox_id, "done")
