@@ -18,8 +18,8 @@ import pytest
 
 from hermes_green.testing.fake_llm import hang
 from hermes_green.testing.fleet import FakeFleet
+from hermes_green.testing.redis_server import RedisServer, free_port
 from tests.cluster_support import Node, echo, node_config, stop_all
-from tests.redis_support import RedisServer, free_port
 from tests.support import base_config, run_cli, write_config
 
 PLATFORMS = ("wecom", "telegram", "feishu")
@@ -100,6 +100,10 @@ def test_the_node_holding_wecom_and_telegram_dies_and_the_other_serves_within_10
                        what=lambda: [(p, t) for p, mid, t in sent if not fleet.answers(p, mid)])
         expect_once(fleet, sent)
         assert fleet.fakes["wecom"].undelivered == []
+        # WeCom messages that arrived on g1's connection were answered over g2's
+        first_batch = {mid for p, mid, t in sent if p == "wecom" and t.startswith("one-")}
+        assert any(at > killed_at for mid, _, at in fleet.reply_rows("wecom")
+                   if mid in first_batch)
         for platform in ("wecom", "telegram"):
             g2.wait_for(rf"bot lease taken bot={platform}\b", timeout=1)
             first = min(at for _, _, at in fleet.reply_rows(platform) if at > killed_at)

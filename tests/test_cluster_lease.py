@@ -15,7 +15,7 @@ from hermes_green.cluster.members import Members
 from hermes_green.cluster.queue import GROUP, Taken, WorkQueue, shard_lease
 from hermes_green.models import InboundMessage
 from hermes_green.store_redis import RedisStore, work_shard, work_stream
-from tests.redis_support import RedisServer
+from hermes_green.testing.redis_server import RedisServer
 from tests.support import wait_until
 
 TTL = dict(ttl_s=1.0, renew_every_s=0.2, margin_s=0.2)

@@ -199,7 +199,7 @@ def test_the_config_chooses_the_store(kind, request, data_dir):
 
 
 def test_redis_unreachable_at_open_is_one_clear_line():
-    from tests.redis_support import free_port
+    from hermes_green.testing.redis_server import free_port
     port = free_port()  # nothing listens there
     with pytest.raises(StoreError) as e:
         RedisStore(f"redis://:s3cret@127.0.0.1:{port}/0").open()
