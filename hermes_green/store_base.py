@@ -224,6 +224,7 @@ def make_store(gateway_config, *, history_limit: int = 200) -> StoreBase:
         # Per-process values (a reload's outcome, read back by the CLI that found this process
         # through its data_dir) stay apart from those of the other processes on the Redis.
         scope = f"{socket.gethostname()}:{Path(gateway_config.data_dir).resolve()}"
-        return RedisStore(url, history_limit=history_limit, meta_scope=scope)
+        return RedisStore(url, history_limit=history_limit, meta_scope=scope,
+                          local_dir=gateway_config.data_dir)
     from .store import Store
     return Store(gateway_config.data_dir, history_limit=history_limit)

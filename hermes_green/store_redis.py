@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.parse
 import zlib
@@ -244,10 +245,12 @@ class RedisStore(StoreBase):
 
     def __init__(self, url: str, *, history_limit: int = 200, clock=time.time,
                  prefix: str = PREFIX, pool_size: int = POOL_SIZE,
-                 meta_scope: str = "default") -> None:
+                 meta_scope: str = "default", local_dir=None) -> None:
         super().__init__(history_limit=history_limit, clock=clock)
         self.url = url
         self.meta_scope = meta_scope
+        # This process's own directory (gateway.data_dir: its pid file), made at open.
+        self.local_dir = local_dir
         self.prefix = prefix
         self.pool_size = pool_size
         self.shards = WORK_SHARDS
@@ -264,6 +267,12 @@ class RedisStore(StoreBase):
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
         where = f"gateway.store: {safe_url(self.url)}"
+        if self.local_dir is not None:
+            try:
+                os.makedirs(self.local_dir, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"gateway.data_dir: cannot create {self.local_dir} "
+                                 f"({e.strerror or type(e).__name__})") from None
         try:
             pool = redis.BlockingConnectionPool.from_url(
                 self.url, max_connections=self.pool_size, timeout=POOL_WAIT_S,
