@@ -96,3 +96,60 @@ def echo(delay_s: float = 0.0, chunk_chars: int = 64):
 def stop_all(nodes) -> None:
     for n in nodes:
         n.stop()
+
+
+class CuttableProxy:
+    """A TCP proxy on loopback in front of Redis for one node: `cut()` is a network partition
+    (every connection through it dropped, new ones closed at once), `heal()` ends it."""
+
+    def __init__(self, upstream_port: int) -> None:
+        from gevent.server import StreamServer
+        self.upstream_port = upstream_port
+        self.is_cut = False
+        self._socks: list = []
+        self.server = StreamServer(("127.0.0.1", 0), self._handle)
+        self.server.start()
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def _handle(self, client, _address) -> None:
+        import socket
+        if self.is_cut:
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        self._socks += [client, upstream]
+        pumps = [gevent.spawn(self._pump, client, upstream),
+                 gevent.spawn(self._pump, upstream, client)]
+        gevent.joinall(pumps, count=1)
+        for s in (client, upstream):
+            s.close()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        self.is_cut = True
+        for s in self._socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+        self._socks.clear()
+
+    def heal(self) -> None:
+        self.is_cut = False
+
+    def stop(self) -> None:
+        self.cut()
+        self.server.stop()

@@ -19,7 +19,7 @@ import pytest
 from hermes_green.testing.fake_llm import hang
 from hermes_green.testing.fleet import FakeFleet
 from hermes_green.testing.redis_server import RedisServer, free_port
-from tests.cluster_support import Node, echo, node_config, stop_all
+from tests.cluster_support import CuttableProxy, Node, echo, node_config, stop_all
 from tests.support import base_config, run_cli, write_config
 
 PLATFORMS = ("wecom", "telegram", "feishu")
@@ -64,7 +64,7 @@ def test_the_node_holding_wecom_and_telegram_dies_and_the_other_serves_within_10
         for platform in ("wecom", "telegram"):
             g1.wait_for(rf"bot lease taken bot={platform}\b")
         fleet.wait_for(lambda: all(fleet.connected(p) for p in PLATFORMS), timeout=20)
-        old_wecom = fleet.fakes["wecom"].current_conn_id
+        old_wecom = fleet.wait_for(lambda: fleet.fakes["wecom"].current_conn_id, timeout=20)
         g2 = Node("g2", node_config(tmp_path, "g2", redis_url, fleet), "gateway")
         workers = [Node(f"w{i}", node_config(tmp_path, f"w{i}", redis_url, fleet), "worker")
                    for i in (1, 2, 3)]
@@ -185,6 +185,42 @@ def test_redis_killed_and_restarted_with_its_aof_mid_load_loses_nothing(tmp_path
         stop_sending.set()
         stop_all([node])
         redis.stop()
+
+
+def test_a_node_cut_off_from_redis_closes_its_connection_before_another_takes_the_bot(
+        tmp_path, redis_url, redis_server, fleet):
+    """A partition, not a death: g1 lives on but cannot reach Redis. It must give WeCom up (close
+    its connection) before g2 may subscribe, so the two never kick each other; g1 sends
+    nothing meanwhile, and g2 answers what comes next, once."""
+    fleet.llm.script(*[echo()] * 50)
+    proxy = CuttableProxy(redis_server.port)
+    g1 = Node("g1", node_config(tmp_path, "g1", proxy.url(), fleet), "gateway")
+    nodes = [g1]
+    try:
+        g1.wait_for(r"bot lease taken bot=wecom\b")
+        old = fleet.wait_for(lambda: fleet.fakes["wecom"].current_conn_id, timeout=20)
+        nodes += [Node("g2", node_config(tmp_path, "g2", redis_url, fleet), "gateway"),
+                  Node("w", node_config(tmp_path, "w", redis_url, fleet), "worker")]
+        nodes[2].wait_for(r"shards held node=\S+ shards=\d")
+        before = fleet.send("wecom", "before", chat=1)
+        fleet.wait_for(lambda: fleet.answers("wecom", before), timeout=20)
+        proxy.cut()
+        g1.wait_for(r"connection closed: lease lost bot=wecom\b", timeout=10)
+        wecom = fleet.fakes["wecom"]
+        fleet.wait_for(lambda: [c for c in wecom.subscribed_at if c != old], timeout=15)
+        [new] = [c for c in wecom.subscribed_at if c != old]
+        closed = [d for d in wecom.disconnects if d.conn_id == old]
+        assert closed and closed[0].reason != "kicked"  # g1 left by itself...
+        assert closed[0].at < wecom.subscribed_at[new]  # ...before g2 subscribed
+        nodes[1].wait_for(r"bot lease taken bot=wecom\b", timeout=1)
+        after = fleet.send("wecom", "after", chat=2)
+        fleet.wait_for(lambda: fleet.answers("wecom", after), timeout=20)
+        assert fleet.answers("wecom", after) == ["echo: after"]
+        assert fleet.answers("wecom", before) == ["echo: before"]
+        assert not [d for d in wecom.disconnects if d.conn_id == new]  # g1 never came back
+    finally:
+        proxy.stop()
+        stop_all(nodes)
 
 
 # -- bad starts ----------------------------------------------------------------------------

@@ -34,10 +34,21 @@ MARGIN_S = 0.75  # given up this long before Redis could expire it (clock rate d
 # Renew when the key holds our token; re-take it when it is gone (a Redis restarted without
 # persistence forgot it, and nobody else can hold it meanwhile); refuse when another holds it.
 _RENEW = """
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
-return 0
+local out = {}
+for i, key in ipairs(KEYS) do
+  local token = ARGV[i + 1]
+  local v = redis.call('GET', key)
+  if v == token then
+    redis.call('PEXPIRE', key, ARGV[1])
+    out[i] = 1
+  elseif not v then
+    redis.call('SET', key, token, 'PX', ARGV[1])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -128,30 +139,38 @@ class Leases:
 
     # -- renewal -----------------------------------------------------------------------------
     def renew_once(self) -> None:
-        for name, held in list(self._held.items()):
-            started = time.monotonic()
-            # A hung call must not outlive the lease: bounded by what is left of it.
-            bound = max(0.05, min(self.renew_every_s, held.valid_until - started))
-            try:
-                with gevent.Timeout(bound, TimeoutError):
-                    ok = self._renew(keys=[self._key(name)],
-                                     args=[held.token, int(self.ttl_s * 1000)])
-            except Exception as e:  # noqa: BLE001  (kept until its validity runs out)
-                ok = None
-                log.warning("lease renewal failed lease=%s error=%s valid_for_s=%.1f", name,
-                            type(e).__name__, held.valid_until - time.monotonic())
-            if self._held.get(name) is not held:
+        """Renew every lease in ONE script call (one round trip, however many leases), bounded
+        by the soonest validity, so a lease whose time is up is given up on time even while
+        Redis does not answer."""
+        held = list(self._held.items())
+        if not held:
+            return
+        started = time.monotonic()
+        soonest = min(h.valid_until for _, h in held)
+        bound = max(0.05, min(self.renew_every_s, soonest - started))
+        try:
+            with gevent.Timeout(bound, TimeoutError):
+                answers = self._renew(keys=[self._key(n) for n, _ in held],
+                                      args=[int(self.ttl_s * 1000), *(h.token for _, h in held)])
+        except Exception as e:  # noqa: BLE001  (each kept until its validity runs out)
+            answers = [None] * len(held)
+            log.warning("lease renewal failed leases=%d error=%s valid_for_s=%.1f", len(held),
+                        type(e).__name__, soonest - time.monotonic())
+        for (name, h), ok in zip(held, answers):
+            if self._held.get(name) is not h:
                 continue  # released meanwhile
             if ok == 1:
-                held.valid_until = started + self.ttl_s - self.margin_s
-            elif ok == 0 or time.monotonic() >= held.valid_until:
-                del self._held[name]
-                log.warning("lease lost lease=%s node=%s reason=%s", name, self.owner,
-                            "taken_by_another" if ok == 0 else "not_renewed_in_time")
-                try:
-                    self.on_lost(name)
-                except Exception:  # noqa: BLE001  (one failing handler never stops renewals)
-                    log.exception("lease lost handler failed lease=%s", name)
+                h.valid_until = started + self.ttl_s - self.margin_s
+            elif ok == 0 or time.monotonic() >= h.valid_until:
+                self._lose(name, "taken_by_another" if ok == 0 else "not_renewed_in_time")
+
+    def _lose(self, name: str, reason: str) -> None:
+        del self._held[name]
+        log.warning("lease lost lease=%s node=%s reason=%s", name, self.owner, reason)
+        try:
+            self.on_lost(name)
+        except Exception:  # noqa: BLE001  (one failing handler never stops renewals)
+            log.exception("lease lost handler failed lease=%s", name)
 
     def run(self) -> None:
         """The renewing loop (one greenlet per process). It also notices, between rounds, a
