@@ -34,10 +34,11 @@ def check_runtime() -> str:
 
 
 def check_data_dir(config: Config) -> str:
-    from .store import Store
-    store = Store(config.gateway.data_dir).open()
+    """The store the gateway would open (the SQLite file, or Redis with gateway.store)."""
+    from .store_base import make_store
+    store = make_store(config.gateway).open()
     try:
-        return f"{store.path} (pending replies: {store.outbox_pending()})"
+        return f"{store.describe()} (pending replies: {store.outbox_pending()})"
     finally:
         store.close()
 
@@ -75,7 +76,7 @@ def run_check(config: Config, *, full: bool = False) -> int:
         ("runtime", check_runtime),
         ("config", lambda: f"{len(config.platforms.bots())} bot(s) enabled: "
                            f"{', '.join(b.label for b in config.platforms.bots()) or 'none'}"),
-        ("data_dir", lambda: check_data_dir(config)),
+        ("store" if config.gateway.store else "data_dir", lambda: check_data_dir(config)),
     ]
     for bot in config.platforms.bots():
         checks.append((f"platform {bot.label}",

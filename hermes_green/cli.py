@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                     "and QQ Bot whatever the agent is doing.",
         epilog="Run `hermes-green demo` first: it needs no credentials and no network.")
     p.add_argument("--config", metavar="FILE", help="run the gateway with this config")
+    p.add_argument("--role", choices=("all", "gateway", "worker"), default="all",
+                   help="with gateway.store on Redis: gateway (platform connections, no turns), "
+                        "worker (turns, no connections) or all (default)")
     p.add_argument("--version", action="version", version=f"hermes-green {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("check", help="validate the config, try each platform's auth, the LLM "
@@ -98,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reload":
             return run_reload(load_config(args.config))
         if args.config:
-            return run_gateway(load_config(args.config), config_path=args.config)
+            config = load_config(args.config)
+            if args.role != "all" and not config.gateway.store:
+                return _fail(f"--role {args.role} needs gateway.store: redis://... (processes "
+                             f"share work through Redis; without it one process does all)")
+            return run_gateway(config, config_path=args.config, role=args.role)
     except (ConfigError, StoreError) as e:
         return _fail(str(e))
     _parser().print_help(sys.stderr)
@@ -111,14 +118,14 @@ def _configure_logging(config, *, level: str | None = None) -> None:
                   config_secrets(config))
 
 
-def run_gateway(config, config_path: str | None = None) -> int:
+def run_gateway(config, config_path: str | None = None, role: str = "all") -> int:
     from . import reload as reloading
     from .gateway import Gateway
     from .runtime import HubWatch, freeze_startup_heap
     _configure_logging(config)
     hub = HubWatch(threads=config.executors.threads,
                    max_blocking_time_s=config.gateway.max_blocking_time_s)
-    gateway = Gateway(config, hub_watch=hub, config_path=config_path)
+    gateway = Gateway(config, hub_watch=hub, config_path=config_path, role=role)
     gateway.start()
     if config.gateway.status.enabled:
         from .status import StatusServer, StatusServerError
@@ -137,11 +144,13 @@ def run_gateway(config, config_path: str | None = None) -> int:
 
 
 def _open_store(config):
-    """The gateway's database, for the commands that work beside a running gateway."""
-    from .store import Store
-    store = Store(config.gateway.data_dir)
-    if not store.path.exists():
-        raise StoreError(f"{store.path}: no database yet (has the gateway run with this "
+    """The gateway's store (the SQLite file, or Redis with gateway.store), for the commands
+    that work beside a running gateway."""
+    from .store_base import make_store
+    store = make_store(config.gateway)
+    path = getattr(store, "path", None)
+    if path is not None and not path.exists():
+        raise StoreError(f"{path}: no database yet (has the gateway run with this "
                          f"config's data_dir?)")
     return store.open()
 

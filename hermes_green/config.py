@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, create_model, model_validator
+from pydantic import (BaseModel, Field, SecretStr, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from .platforms import registry
 from .platforms.botconfig import BackoffConfig, BotConfig, RateLimitConfig, StrictModel
@@ -127,6 +128,10 @@ class BusyConfig(_Strict):
 
 class GatewayConfig(_Strict):
     data_dir: Path = Path("./data")
+    # Where the journal, outbox and history live: unset, the SQLite file in data_dir; a Redis
+    # URL (redis://host:port/db, rediss:// for TLS, unix:///path.sock) shares them between
+    # the processes of a deployment, which may then take roles (`--role`, SCALE.md).
+    store: Optional[str] = None
     # A message sent while the chat's turn runs: waits (queue), ends the turn (interrupt), joins
     # the others into one next turn (merge), or reaches the running turn after its current tool
     # round (steer).
@@ -138,6 +143,14 @@ class GatewayConfig(_Strict):
     status: StatusConfig = Field(default_factory=StatusConfig)
     # The hub is checked this often for greenlets that hold it; reported when held longer.
     max_blocking_time_s: float = Field(0.1, gt=0)
+
+    @field_validator("store")
+    @classmethod
+    def _redis_url(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.fullmatch(r"(redis|rediss|unix)://\S+", value):
+            raise ValueError("must be a Redis URL such as redis://127.0.0.1:6379/0 (or leave "
+                             "it out for the SQLite file in data_dir)")
+        return value
 
 
 class AgentServiceConfig(_Strict):

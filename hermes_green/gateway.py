@@ -54,7 +54,7 @@ from .ratelimit import describe as describe_limit
 from .replies import render_image_links, split_reply
 from .runtime import HubWatch
 from .sessions import BusyPolicy, SessionManager, TurnStopped
-from .store import MAX_TURN_ATTEMPTS, Store
+from .store_base import MAX_TURN_ATTEMPTS, StoreBase, make_store
 
 log = logging.getLogger("hermes_green.gateway")
 
@@ -121,11 +121,15 @@ def _fit_files(files: list[dict], max_parts: int | None) -> tuple[list[dict], in
 class Gateway:
     def __init__(self, config: Config, *, agent: Agent | None = None,
                  adapter_factories: dict[str, AdapterFactory] | None = None,
-                 hub_watch: HubWatch | None = None, config_path: str | None = None) -> None:
+                 hub_watch: HubWatch | None = None, config_path: str | None = None,
+                 role: str = "all") -> None:
         self.config = config
+        self.role = role  # with a Redis store: gateway | worker | all (cluster/node.py)
+        self.cluster = None  # the cluster Node, when the store is Redis
         self.config_path = config_path  # what SIGHUP reloads (None: reload is refused)
-        self.store = Store(config.gateway.data_dir,
-                           history_limit=max(2 * (config.agent.max_history if config.agent else 40), 2))
+        self.store: StoreBase = make_store(
+            config.gateway,
+            history_limit=max(2 * (config.agent.max_history if config.agent else 40), 2))
         self._agent = agent
         self._agent_injected = agent is not None  # a reload keeps an agent it did not build
         self.agent: Agent | None = None
@@ -135,7 +139,8 @@ class Gateway:
         self.hub_watch = hub_watch
         self.adapters: dict[str, PlatformAdapter] = {}
         self.fatal: dict[str, str] = {}
-        self.sessions = SessionManager(BusyPolicy.from_config(config.gateway), self._run_turn,
+        self._offline: dict[str, PlatformAdapter | None] = {}
+        self.sessions = SessionManager(BusyPolicy.from_config(config.gateway), self._session_turn,
                                        self._on_interrupted, on_stopped=self._on_stopped,
                                        on_dropped=self._on_dropped)
         self.commands = commands.CommandHandler(self)
@@ -159,7 +164,12 @@ class Gateway:
         """Open the store and build the agent and adapters (errors here are the user's: config
         or data_dir), then start connections, outbox senders and recovery."""
         self.store.open()
-        if self._agent is None:
+        runs_turns = True
+        if self.config.gateway.store:  # on Redis, every process is a node of a cluster
+            from .cluster.node import Node
+            self.cluster = Node(self, self.role)
+            runs_turns = self.cluster.works
+        if self._agent is None and runs_turns:
             from .agent import loop  # the LLM agent and its tool modules, loaded on demand
             self._agent = loop.build_agent(self.config)
         self.agent = self._agent
@@ -168,15 +178,21 @@ class Gateway:
         for bot in self.config.platforms.bots():
             if bot.label not in self._factories:
                 self._factories[bot.label] = adapter_class(bot.platform)
+        if not self._connects:
+            self._factories = {}
         if self.hub_watch is not None:
             self.hub_watch.start()
         self.started_at = time.time()
+        if self.cluster is not None:
+            self.cluster.start(self._spawn)
         for key in self._factories:
             self._start_bot(key, enabled.get(key))
-        for key in set(self._factories) | set(self.store.outbox_bots()):
-            self._ensure_outbox(key)
+        if self._connects:
+            for key in set(self._factories) | set(self.store.outbox_bots()):
+                self._ensure_outbox(key)
         self._spawn(self._checkpoint_loop, name="store:checkpoint", restart=True)
-        self._recover()
+        if self.cluster is None:
+            self._recover()  # on Redis the work streams are the recovery (cluster/queue.py)
         metrics.outbox_pending.set(self.store.outbox_pending())
         log.info("gateway started platforms=%s busy_mode=%s", ",".join(self._factories) or "none",
                  self.config.gateway.busy_mode)
@@ -190,19 +206,35 @@ class Gateway:
             self._outbox_wake[bot] = gevent.event.Event()
             self._spawn(self._outbox_loop, bot, name=f"outbox:{bot}", restart=True)
 
+    @property
+    def _connects(self) -> bool:
+        """Does this process hold platform connections (every role but worker)?"""
+        return self.cluster is None or self.cluster.connects
+
+    def _single_connection(self, key: str) -> bool:
+        """Does this bot's platform allow one connection only (its adapter class says)?"""
+        single = getattr(self._factories.get(key), "single_connection", None)
+        if single is None:  # a factory function (tests): ask the registered class
+            try:
+                single = adapter_class(split_bot_key(key)[0]).single_connection
+            except LookupError:
+                single = False
+        return bool(single)
+
     def _recover(self) -> None:
         pending = self.store.pending_inbound()
         if pending:
             log.info("recovery messages=%d", len(pending))
         for p in pending:
-            msg = p.message
             if p.attempts >= MAX_TURN_ATTEMPTS:
-                log.error("giving up platform=%s bot=%s chat=%s msg=%s attempts=%d",
-                          msg.platform, msg.bot, msg.chat_id, msg.message_id, p.attempts)
-                self._finish([msg], GAVE_UP_REPLY, state="failed", user_text=None,
-                             answer_text=None)
+                self._give_up(p.message, p.attempts)
             else:
-                self._dispatch(msg)
+                self._dispatch(p.message)
+
+    def _give_up(self, msg: InboundMessage, attempts: int) -> None:
+        log.error("giving up platform=%s bot=%s chat=%s msg=%s attempts=%d",
+                  msg.platform, msg.bot, msg.chat_id, msg.message_id, attempts)
+        self._finish([msg], GAVE_UP_REPLY, state="failed", user_text=None, answer_text=None)
 
     def _checkpoint_loop(self) -> None:
         """The first round runs at start: a WAL left by a crash is folded in at once, and a
@@ -229,6 +261,10 @@ class Gateway:
         if cfg is not None and hasattr(cfg, "backoff"):
             backoff = Backoff.from_config(cfg.backoff)
         while not self._stopping and name not in self._retiring:
+            if self.cluster is not None:
+                self.cluster.wait_connect(name)  # a single-connection bot: hold its lease
+                if self._stopping or name in self._retiring:
+                    return
             adapter = self._factories[name](_adapter_section(cfg), self.on_inbound,
                                             saved_state=self.store.adapter_state(name))
             if adapter.bot_key != name:  # its messages would be routed to another bot's key
@@ -240,6 +276,8 @@ class Gateway:
                 adapter.run()
                 if self._stopping or name in self._retiring:
                     return
+                if self.cluster is not None and not self.cluster.may_connect(name):
+                    continue  # its lease moved to another node: wait to get it back
                 log.error("adapter returned without being stopped platform=%s", name)
             except FatalPlatformError as e:
                 self.fatal[name] = str(e)
@@ -277,8 +315,8 @@ class Gateway:
         log.info("inbound platform=%s bot=%s chat=%s msg=%s chars=%d", msg.platform, msg.bot,
                  msg.chat_id, msg.message_id, len(msg.text))
         self.media.on_journaled(msg)  # downloads start now, in media's greenlets
-        if self.sessions.accepting:
-            self._dispatch(msg)
+        if self.cluster is None and self.sessions.accepting:
+            self._dispatch(msg)  # (on Redis, journaling queued it for the workers)
         return Delivery.NEW
 
     def _duplicate(self, msg: InboundMessage) -> Delivery:
@@ -377,6 +415,15 @@ class Gateway:
         return stopped, len(dropped)
 
     # -- turns -------------------------------------------------------------------------------
+    def _session_turn(self, batch: list[InboundMessage]) -> None:
+        """The SessionManager's turn: run it, then tell the cluster it is over (answered or
+        not: an unanswered one is claimed again)."""
+        try:
+            self._run_turn(batch)
+        finally:
+            if self.cluster is not None:
+                self.cluster.turn_over(batch)
+
     def _run_turn(self, batch: list[InboundMessage]) -> None:
         bot, chat_id = batch[0].chat_key
         platform = batch[0].platform
@@ -463,6 +510,7 @@ class Gateway:
         first = dropped[0]
         self.store.finish_turn(first.bot_key, first.chat_id, [m.message_id for m in dropped],
                                [], user_text=None, answer_text=None, state="refused")
+        self._closed(first.bot_key, [m.message_id for m in dropped])
         self._count_refused(first, reason, len(dropped))
         log.info("inbound dropped bot=%s chat=%s msgs=%d reason=%s notice=%s", first.bot_key,
                  first.chat_id, len(dropped), reason, notify)
@@ -491,7 +539,7 @@ class Gateway:
         then the files the agent sent (kind 'file'), `message_ids` closed with `state`, history
         appended."""
         bot, chat_id = last.chat_key
-        adapter = self.adapters.get(bot)
+        adapter = self.adapters.get(bot) or self._offline_adapter(bot)
         chunk = adapter.reply_chunk_chars() if adapter else 2000
         max_parts = adapter.max_reply_parts() if adapter else 5
         files, max_text_parts = _fit_files(list(files), max_parts)
@@ -509,8 +557,26 @@ class Gateway:
         self.store.finish_turn(bot, chat_id, message_ids, parts,
                                user_text=user_text, answer_text=answer_text, state=state)
         metrics.outbox_pending.set(self.store.outbox_pending())
+        self._closed(bot, message_ids)
+        if self.cluster is not None:  # the node that sends for this bot is woken
+            self.cluster.replies_queued(bot)
+            return
         self._ensure_outbox(bot)
         self._outbox_wake[bot].set()
+
+    def _closed(self, bot: str, message_ids: list[str]) -> None:
+        """These messages are closed in the store: on Redis their work entries are done."""
+        if self.cluster is not None and message_ids:
+            self.cluster.turn_finished(bot, message_ids)
+
+    def _offline_adapter(self, bot: str) -> PlatformAdapter | None:
+        """A worker has no connections: the bot's adapter, built but never run, still says
+        how its replies are split."""
+        if bot not in self._offline:
+            cfg = self.config.platforms.enabled().get(bot)
+            self._offline[bot] = None if cfg is None else adapter_class(
+                split_bot_key(bot)[0])(cfg, lambda msg: Delivery.REFUSED)
+        return self._offline[bot]
 
     # -- outbox ------------------------------------------------------------------------------
     def _outbox_loop(self, bot: str) -> None:
@@ -520,13 +586,21 @@ class Gateway:
         wake = self._outbox_wake[bot]
         senders = gevent.pool.Pool(OUTBOX_SEND_CONCURRENCY)
         chat_senders: dict[str, gevent.Greenlet] = {}
+        # Rows a sender finished with while the due rows were being read: a store whose read
+        # yields (Redis) may answer with a row whose send ended meanwhile; it is not sent again.
+        handled: set[int] = set()
         while True:
             adapter = self.adapters.get(bot)
             if adapter is None or not adapter.ready.is_set():
                 wake.clear()
                 (adapter.ready if adapter is not None else wake).wait(1.0)
                 continue
+            if self.cluster is not None and not self.cluster.may_send(bot):
+                wake.clear()  # another node holds this bot's lease and sends its replies
+                wake.wait(1.0)
+                continue
             wake.clear()
+            handled.clear()
             try:
                 due = self.store.outbox_due(bot)
                 next_due = self.store.outbox_next_due_at(bot)
@@ -535,15 +609,16 @@ class Gateway:
                           type(e).__name__, str(e)[:200], STORE_RETRY_S)
                 wake.wait(STORE_RETRY_S)
                 continue
-            by_chat: dict[str, list[OutboundMessage]] = {}
-            for out in due:
+            by_chat: dict[str, list[OutboundMessage]] = {}  # (no yield from here to the spawns)
+            for out in (o for o in due if o.outbox_id not in handled):
                 by_chat.setdefault(out.chat_id, []).append(out)
             for chat_id, rows in by_chat.items():
                 running = chat_senders.get(chat_id)
                 if running is not None and not running.dead:
                     continue  # its sender wakes us when done; then the rest goes in order
                 chat_senders[chat_id] = spawn_owned(senders, self._send_rows, bot, adapter, rows,
-                                                    name=f"outbox:{bot}:{chat_id}", log=log)
+                                                    handled, name=f"outbox:{bot}:{chat_id}",
+                                                    log=log)
             for chat_id in [c for c, g in chat_senders.items() if g.dead]:
                 del chat_senders[chat_id]
             if next_due is None or chat_senders:
@@ -551,10 +626,13 @@ class Gateway:
             else:
                 wake.wait(min(1.0, max(0.01, next_due - time.time())))
 
-    def _send_rows(self, bot: str, adapter: PlatformAdapter, rows: list[OutboundMessage]) -> None:
+    def _send_rows(self, bot: str, adapter: PlatformAdapter, rows: list[OutboundMessage],
+                   handled: set[int]) -> None:
         try:
             for out in rows:
-                if not self._send_one(adapter, out):
+                sent = self._send_one(adapter, out)
+                handled.add(out.outbox_id)
+                if not sent:
                     break  # keep this chat's order: later parts wait for the failed one
         finally:
             self._outbox_wake[bot].set()
@@ -610,6 +688,8 @@ class Gateway:
             self.stopped.wait()
             return
         self._stopping = True
+        if self.cluster is not None:
+            self.cluster.stop_taking_work()
         deadline = time.monotonic() + self.config.gateway.drain_timeout_s
         log.info("draining turns=%d timeout_s=%.0f", self.sessions.turns_in_flight(),
                  self.config.gateway.drain_timeout_s)
@@ -618,18 +698,20 @@ class Gateway:
             log.warning("drain timeout: unfinished turns stay journaled for the next start")
         flush_until = max(deadline, time.monotonic() + 1.0)
         flush_until = min(flush_until, time.monotonic() + OUTBOX_FLUSH_MAX_S)
-        while self.store.outbox_pending() and time.monotonic() < flush_until:
+        while self._unsent() and time.monotonic() < flush_until:
             if not any(a.ready.is_set() for a in self.adapters.values()):
                 break
             for ev in self._outbox_wake.values():
                 ev.set()
             gevent.sleep(0.02)
-        left = self.store.outbox_pending()
+        left = self._unsent()
         if left:
             log.warning("outbox not empty at exit pending=%d (sent on next start)", left)
         for adapter in self.adapters.values():
             adapter.stop()
         gevent.joinall(list(self._supervisors.values()), timeout=5)  # connections close
+        if self.cluster is not None:
+            self.cluster.stop()  # leases given back: other nodes take over at once
         self._group.kill(block=True, timeout=2)
         if self.status_server is not None:
             self.status_server.stop()
@@ -643,6 +725,13 @@ class Gateway:
         self.store.close()
         log.info("gateway stopped")
         self.stopped.set()
+
+    def _unsent(self) -> int:
+        """Replies this process still has to send (on Redis: for the bots it sends for)."""
+        if self.cluster is None:
+            return self.store.outbox_pending()
+        return sum(self.store.outbox_pending(b) for b in self._outbox_wake
+                   if self.cluster.may_send(b))
 
     def serve_forever(self) -> int:
         self.install_signal_handlers()
@@ -663,8 +752,12 @@ class Gateway:
 
     # -- bots: start, stop, hot reload (reload.py) --------------------------------------------
     def _start_bot(self, key: str, cfg) -> None:
+        if not self._connects:
+            return  # a worker node: its turns name bots, it never connects them
         self._retiring.discard(key)
         self.fatal.pop(key, None)
+        if self.cluster is not None:
+            self.cluster.add_bot(key, self._single_connection(key))
         self._supervisors[key] = self._spawn(self._supervise, key, cfg, name=f"supervisor:{key}")
         self._ensure_outbox(key)
 
@@ -684,6 +777,9 @@ class Gateway:
         self.fatal.pop(key, None)
         self._access.pop(key, None)  # a changed section brings its own policy and limits
         self._limits.pop(key, None)
+        self._offline.pop(key, None)
+        if self.cluster is not None:
+            self.cluster.remove_bot(key)  # its lease given back: another node may take it
 
     def _on_reload_signal(self) -> None:
         log.info("signal received signal=SIGHUP")

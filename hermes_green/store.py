@@ -1,4 +1,5 @@
-"""Durable state in one SQLite file (WAL): inbound journal, outbox, chat history.
+"""Durable state in one SQLite file (WAL): inbound journal, outbox, chat history. The default
+implementation of `store_base.StoreBase` (Redis is the other: store_redis.py).
 
 The journal and the outbox are what make "each message answered once, as a reply, whatever
 happens" hold across reconnects, crashes and kill -9:
@@ -30,18 +31,17 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from .models import InboundMessage, OutboundMessage, split_bot_key
+# Re-exported: callers import these from here as before the interface existed.
+from .store_base import (MAX_TURN_ATTEMPTS, AdapterState, PendingInbound,  # noqa: F401
+                         StoreBase, StoreError)
 
 log = logging.getLogger("hermes_green.store")
 
 SCHEMA_VERSION = 4
-# A message whose turn was started this many times without finishing (the process died each
-# time) is answered with an apology instead of being retried forever.
-MAX_TURN_ATTEMPTS = 3
 
 # Every row is keyed by its bot ("platform" for a platform's single bot, "platform/id" for one of
 # several: models.bot_key), so two bots on one platform never share a journal entry, an outbox
@@ -116,25 +116,14 @@ PAIRING_CODE_LENGTH = 8
 _OUTBOX_FILE_COLUMNS = (("kind", "TEXT NOT NULL DEFAULT 'text'"), ("file", "TEXT"))
 
 
-class StoreError(Exception):
-    """The data directory or database cannot be used (unwritable, corrupt, newer schema).
-    One line, safe to show; caller: exit 2."""
+class Store(StoreBase):
+    """The default store: one SQLite file in `gateway.data_dir` (see store_base.StoreBase)."""
 
-
-@dataclass
-class PendingInbound:
-    message: InboundMessage
-    state: str
-    attempts: int
-
-
-class Store:
     def __init__(self, data_dir: str | os.PathLike, *, history_limit: int = 200,
                  clock=time.time) -> None:
+        super().__init__(history_limit=history_limit, clock=clock)
         self.data_dir = Path(data_dir)
         self.path = self.data_dir / "hermes-green.sqlite3"
-        self.history_limit = history_limit
-        self._clock = clock
         self._db: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
         self.problem: str | None = None  # set when the file is lost under us (verify_file)
@@ -237,6 +226,9 @@ class Store:
                 return f"{p.name} is read-only"
         return str(e)
 
+    def describe(self) -> str:
+        return str(self.path)
+
     def close(self, *, checkpoint: bool = True) -> None:
         """`checkpoint=False`: a short-lived second user of the file (the CLI beside a running
         gateway) leaves the WAL to the gateway's own checkpoints."""
@@ -326,6 +318,11 @@ class Store:
                               (bot, message_id)).fetchone()
         return row[0] if row else None
 
+    def inbound(self, bot: str, message_id: str) -> PendingInbound | None:
+        row = self.db.execute("SELECT payload, state, attempts FROM inbound WHERE bot=? AND"
+                              " message_id=?", (bot, message_id)).fetchone()
+        return PendingInbound(InboundMessage.from_json(row[0]), row[1], row[2]) if row else None
+
     def pending_inbound(self) -> list[PendingInbound]:
         """Messages journaled but never answered (the process stopped mid-turn): recovery
         dispatches them again, oldest first."""
@@ -343,6 +340,8 @@ class Store:
         now = self._clock()
         ids = []
         with self._tx():
+            if message_ids and self._any_closed(bot, message_ids):
+                return []  # finished before (a redelivered or re-run turn): answered once
             for part in parts:
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO outbox (bot, chat_id, in_reply_to, seq,"
@@ -362,6 +361,13 @@ class Store:
             if answer_text is not None:
                 self._history_add(bot, chat_id, "assistant", answer_text, now)
         return ids
+
+    def _any_closed(self, bot: str, message_ids: list[str]) -> bool:
+        marks = ",".join("?" * len(message_ids))
+        row = self.db.execute(
+            f"SELECT COUNT(*) FROM inbound WHERE bot=? AND message_id IN ({marks})"
+            " AND state NOT IN ('received', 'processing')", (bot, *message_ids)).fetchone()
+        return row[0] > 0
 
     # -- outbox ------------------------------------------------------------------------------
     def outbox_due(self, bot: str, *, limit: int = 50) -> list[OutboundMessage]:
@@ -426,10 +432,6 @@ class Store:
             "SELECT DISTINCT bot FROM outbox WHERE state='pending'")]
 
     # -- a bot's saved state (resume cursors) ------------------------------------------------
-    def adapter_state(self, bot: str) -> "AdapterState":
-        """The durable key-value state one bot's adapter keeps across restarts."""
-        return AdapterState(self, bot)
-
     def state_get(self, bot: str, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM adapter_state WHERE bot=? AND key=?",
                               (bot, key)).fetchone()
@@ -554,18 +556,3 @@ class Store:
     def _tx(self) -> "Store._Tx":
         return Store._Tx(self.db)
 
-
-class AdapterState:
-    """`adapter.saved_state` as the gateway hands it in: get(key) / put(key, value or None) on
-    one bot's rows of the `adapter_state` table, so adapters keep protocol state (a session id
-    and last sequence) across restarts without importing the store. Each put is one
-    autocommitted statement (WAL, synchronous=NORMAL: tens of microseconds on the hub)."""
-
-    def __init__(self, store: Store, bot: str) -> None:
-        self._store, self.bot = store, bot
-
-    def get(self, key: str) -> str | None:
-        return self._store.state_get(self.bot, key)
-
-    def put(self, key: str, value: str | None) -> None:
-        self._store.state_put(self.bot, key, value)

@@ -9,3 +9,6 @@ def data_dir(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
     return d
+
+
+from tests.redis_support import redis_server, redis_url  # noqa: E402,F401  (fixtures)

@@ -186,6 +186,11 @@ class PlatformAdapter:
 
     name: ClassVar[str] = "platform"
     on_journal_failure: ClassVar[JournalFailure] = JournalFailure.REDELIVER
+    # True when the platform allows one connection per bot (a second one kicks the first, is
+    # refused, or splits its events): with several gateway processes, only the holder of the
+    # bot's lease connects it (cluster/node.py). False: events are spread over connections and
+    # every process may hold one (the journal de-duplicates).
+    single_connection: ClassVar[bool] = False
 
     def __init__(self, config, on_message: InboundHandler, *,
                  saved_state: SavedState | None = None,

@@ -223,6 +223,7 @@ class DiscordAdapter(WebSocketAdapter):
     # Resume replays every dispatch after the seq we send: the seq moves only after a message
     # is journaled, so a store failure drops the connection and the resume brings it again.
     on_journal_failure = JournalFailure.REPLAY
+    single_connection = True  # one session per shard; 1000 IDENTIFY a day
     max_unanswered_beats = 1  # "no heartbeat ACK between its attempts at sending heartbeats"
     # "When you close the connection with close code 1000 or 1001, your session will be
     # invalidated ... If you simply close the TCP connection ... the session will remain active"

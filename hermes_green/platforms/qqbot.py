@@ -201,6 +201,7 @@ class QQBotAdapter(WebSocketAdapter):
     # Resume replays dispatches after the last seq we recorded: a journal failure drops the
     # connection before the seq moves, and the resumed session brings the event again.
     on_journal_failure = JournalFailure.REPLAY
+    single_connection = True  # one session per shard; identify budget shared
     """The QQ Bot gateway (v2) plus passive replies. See the module docstring for the flow."""
 
     name = "qqbot"

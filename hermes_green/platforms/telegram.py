@@ -148,6 +148,7 @@ class TelegramAdapter(LongPollAdapter):
     # Until commit() moves the offset, getUpdates hands the update out again: a journal failure
     # drops the connection before the offset moves, and the next poll brings the update back.
     on_journal_failure = JournalFailure.REPLAY
+    single_connection = True  # a second getUpdates poller gets 409 Conflict
 
     def __init__(self, config, on_message, **kw) -> None:
         super().__init__(config, on_message, **kw)

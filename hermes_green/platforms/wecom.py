@@ -136,6 +136,7 @@ class WeComAdapter(WebSocketAdapter):
     # Callbacks are neither acked nor redelivered, and there is no cursor to resume from: a
     # message the store refuses is held in memory and journaled as soon as the store recovers.
     on_journal_failure = JournalFailure.HOLD
+    single_connection = True  # a new subscribe kicks the old connection (SCALE.md)
     name = "wecom"
     max_unanswered_beats = 2  # the official SDK's rule
     heartbeat_after_ready = True  # pings start once the subscribe is answered
