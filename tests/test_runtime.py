@@ -59,6 +59,12 @@ def test_fresh_entry_point_is_patched_and_speaks_https(tmp_path, tls_cert):
 def test_blocking_monitor_reports_greenlet_name_and_stack():
     watch = HubWatch(max_blocking_time_s=0.05)
     before = metrics.hub_blocked_total._value.get()
+    # The monitor thread is one per hub and outlives the gateways earlier tests ran; start a
+    # fresh one with this test's settings, as a new process would.
+    hub = gevent.get_hub()
+    if hub.periodic_monitoring_thread is not None:
+        hub.periodic_monitoring_thread.kill()
+        hub.periodic_monitoring_thread = None
     watch.start()
     try:
         def hog_the_hub():
