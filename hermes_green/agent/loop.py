@@ -223,7 +223,7 @@ _B64_CHUNK = 3 * 64 * 1024  # a multiple of 3: chunks encode to a prefix of the 
 def _data_url(path: str, mime: str) -> str:
     """`data:<mime>;base64,...` of a file: read in the threadpool, encoded in 192 KB pieces
     with a yield between them, so a 5 MB image never holds the hub for more than a moment."""
-    from ..platforms.media import read_file
+    from ..files import read_file
     raw = read_file(path)
     pieces = []
     for i in range(0, len(raw), _B64_CHUNK):

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ..platforms.media import read_file
+from ..files import read_file
 
 MAX_AUDIO_BYTES = 25 * 1024 * 1024  # OpenAI's limit for one transcription request
 

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from ..files import read_file  # noqa: F401  (adapters upload with it)
+
 MEDIA_KINDS = ("image", "file", "voice", "video")
 
 
@@ -67,21 +69,6 @@ class OutboundFile:
         media = file.get("media") if file.get("media") in MEDIA_KINDS else "file"
         return cls(file["path"], name, mime, media, str(file.get("caption") or ""),
                    int(file.get("size") or 0))
-
-
-def read_file(path: str, limit: int | None = None) -> bytes:
-    """The file's bytes, read in gevent's threadpool (file reads release the GIL). Raises
-    OSError when it is gone; ValueError when it is larger than `limit`."""
-    import gevent
-
-    def read() -> bytes:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if limit is not None and size > limit:
-                raise ValueError(f"{size} bytes, over the limit of {limit}")
-            return f.read()
-
-    return gevent.get_hub().threadpool.apply(read)
 
 
 def size_text(size: int) -> str:

@@ -11,7 +11,7 @@ are the base's (`PlatformAdapter.run`). The hooks:
     on_update(update)    normalize and `deliver()`; return once it is safe to move past it
     commit(update)       move the cursor past it (persist it where a restart must not repeat)
 
-The order is errbot's telegram backend's, chosen on purpose: the cursor moves only after the
+The order is errbot's long-poll backend's, chosen on purpose: the cursor moves only after the
 update was journaled, so a crash between the two repeats the update (the journal recognizes it)
 and never skips one. A long poll is this transport's keepalive: the gap between the end of one
 poll and the start of the next is recorded as keepalive lateness, and a poll that outlives its
