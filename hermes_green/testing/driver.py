@@ -114,9 +114,11 @@ class PlatformDriver:
         heard (used where it transcribes). Returns the message id."""
         raise NotImplementedError
 
+    # The fakes keep the same records for these (`files`, `hold_file_sends()`, `held_sends`,
+    # `release_file_sends()`), so a driver only overrides what its fake names differently.
     def files_sent(self) -> list[SentFile]:
         """Every file the fake accepted from the bot and showed in a chat, in order."""
-        raise NotImplementedError
+        return list(self.fake.files)
 
     def uploads(self) -> int:
         """Uploads the fake accepted (on two-step platforms the upload precedes the send; on
@@ -126,14 +128,14 @@ class PlatformDriver:
     def hold_file_sends(self) -> None:
         """From now on the request that puts a file into a chat is held unanswered and never
         processed (the client dies while waiting); `held_file_sends()` counts them."""
-        raise NotImplementedError
+        self.fake.hold_file_sends()
 
     def held_file_sends(self) -> int:
-        raise NotImplementedError
+        return self.fake.held_sends
 
     def release_file_sends(self) -> None:
         """Held requests are dropped unprocessed and later ones handled again."""
-        raise NotImplementedError
+        self.fake.release_file_sends()
 
     def answers(self, message_id: str) -> list[str]:
         return [r.text for r in self.reply_rows() if r.message_id == message_id]

@@ -1074,20 +1074,8 @@ class Driver(PlatformDriver):
         return self.fake.user_sends_media(data, kind=kind, filename=name, content_type=mime,
                                           author_id=str(700000000000000001 + chat))
 
-    def files_sent(self) -> list[SentFile]:
-        return list(self.fake.files)
-
     def uploads(self) -> int:
         return self.fake.uploads
-
-    def hold_file_sends(self) -> None:
-        self.fake.hold_file_sends()
-
-    def held_file_sends(self) -> int:
-        return self.fake.held_sends
-
-    def release_file_sends(self) -> None:
-        self.fake.release_file_sends()
 
     def lateness(self) -> list[float]:
         return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)

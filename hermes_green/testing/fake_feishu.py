@@ -872,20 +872,8 @@ class Driver(PlatformDriver):
         return self.fake.send_user_media(data, message_type, content_type=mime, file_name=name,
                                          open_id=f"ou_user{chat}")
 
-    def files_sent(self) -> list[SentFile]:
-        return list(self.fake.files)
-
     def uploads(self) -> int:
         return len(self.fake.uploaded)
-
-    def hold_file_sends(self) -> None:
-        self.fake.hold_file_sends()
-
-    def held_file_sends(self) -> int:
-        return self.fake.held_sends
-
-    def release_file_sends(self) -> None:
-        self.fake.release_file_sends()
 
     def lateness(self) -> list[float]:
         return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)

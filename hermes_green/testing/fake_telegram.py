@@ -959,20 +959,8 @@ class Driver(PlatformDriver):
             user=sender, file_name=name, mime_type=mime)
         return f"{where['id']}:{mid}"
 
-    def files_sent(self) -> list[SentFile]:
-        return list(self.fake.files)
-
     def uploads(self) -> int:
         return self.fake.file_uploads
-
-    def hold_file_sends(self) -> None:
-        self.fake.hold_file_sends()
-
-    def held_file_sends(self) -> int:
-        return self.fake.held_sends
-
-    def release_file_sends(self) -> None:
-        self.fake.release_file_sends()
 
     def drop(self) -> None:
         """The poll in flight fails at once (a proxy or load balancer cut it); with none in

@@ -535,20 +535,8 @@ class Driver(PlatformDriver):
             return self.fake.send_user_message(transcript or "", msgtype="voice", userid=userid)
         return self.fake.send_user_media(data, kind, userid=userid, filename=name)
 
-    def files_sent(self) -> list[SentFile]:
-        return list(self.fake.files)
-
     def uploads(self) -> int:
         return len(self.fake.uploaded)
-
-    def hold_file_sends(self) -> None:
-        self.fake.hold_file_sends()
-
-    def held_file_sends(self) -> int:
-        return self.fake.held_sends
-
-    def release_file_sends(self) -> None:
-        self.fake.release_file_sends()
 
     def lateness(self) -> list[float]:
         return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)
