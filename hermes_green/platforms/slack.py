@@ -30,6 +30,19 @@ The protocol, as this module speaks it (api.slack.com/apis/socket-mode and
     send(out)      chat.postMessage {channel, text, thread_ts} with the bot token, in the thread
                    of the message (its thread_ts, or its ts when it started none). 429 ->
                    SendError(retry_after = Retry-After). invalid_auth & co -> this bot stops.
+    media in       `files` on the message event (subtype file_share): each file's `url_private`,
+                   fetched with the bot token in `Authorization: Bearer` (api.slack.com/types/file,
+                   "Authentication": url_private needs the token; scope files:read); the file's
+                   declared `size` and `mimetype` are passed on, so a too-large one is refused
+                   before any byte.
+    send_file      the external upload flow slack_sdk's `WebClient.files_upload_v2` uses
+                   (slack_sdk/web/client.py; api.slack.com/methods/files.getUploadURLExternal and
+                   /files.completeUploadExternal): files.getUploadURLExternal {filename, length}
+                   -> {upload_url, file_id}; POST the bytes to upload_url (no token: the URL is
+                   the authorization); files.completeUploadExternal {files: [{id, title}],
+                   channel_id, thread_ts, initial_comment} shares it in the thread. Both methods
+                   take form arguments (`files` a JSON text), as slack_sdk sends them. A file
+                   uploaded but never completed is not shown; a retry uploads again.
     progress()     the first partial answer is posted in the thread, then chat.update'd at most
                    once per `progress_interval_s`; the final answer's first part replaces it
                    (chat.update), so it still goes out exactly once through the outbox.
@@ -52,6 +65,7 @@ from pydantic import Field, SecretStr, field_validator
 from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import (ConnectionLost, Delivery, FatalPlatformError, JournalFailure, PlatformError,
                    SendError)
+from .media import MediaRefused, MediaSource, OutboundFile, read_file
 from .botconfig import BotConfig
 from .kit import SkipFrame, decode_json, retry_after_s, spawn_owned
 from .registry import PlatformSpec
@@ -78,6 +92,10 @@ MAX_PARSE_BYTES = 1 << 20  # larger frames are not parsed: their envelope_id is 
 MAX_INBOUND_CHARS = 100_000  # user text is truncated by Slack at 40,000
 MAX_DRAFTS = 256  # answers whose progress message we track at once
 MAX_ID_CHARS = 256
+# files.getUploadURLExternal: files up to 1 GB (api.slack.com/methods/files.upload and the
+# help centre's "upload files to Slack": 1 GB per file) *unverified for bot uploads*.
+UPLOAD_LIMIT_BYTES = 1024 * 1024 * 1024
+UPLOAD_TIMEOUT_S = 120.0  # the bytes' POST to upload_url (a large file on a slow link)
 _ENVELOPE_ID = re.compile(r'"envelope_id"\s*:\s*"([^"\\]{1,200})"')
 
 
@@ -152,15 +170,21 @@ class SlackAdapter(WebSocketAdapter):
         self.hello: dict = {}  # the last hello's num_connections and debug_info
 
     # -- Web API -------------------------------------------------------------------------------
-    def _call(self, method: str, args: dict | None = None, *, app: bool = False) -> dict:
+    def _call(self, method: str, args: dict | None = None, *, app: bool = False,
+              form: bool = False) -> dict:
         """POST {api_base}/METHOD with the bot (or app-level) token; the body on success, else
-        ApiError. JSON bodies carry the token in the header only, as the Web API requires."""
+        ApiError. JSON bodies carry the token in the header only, as the Web API requires;
+        `form`: the arguments go form-encoded (methods that take no JSON, e.g. the files.*
+        upload ones, which slack_sdk calls with form params)."""
         token = (self.config.app_token if app else self.config.bot_token).get_secret_value()
         headers = {"Authorization": f"Bearer {token}"}
         try:
             if args is None:
                 resp = self._http.post(f"{self._api_base}/{method}", headers=headers,
                                        timeout=(5.0, self.config.rest_timeout_s))
+            elif form:
+                resp = self._http.post(f"{self._api_base}/{method}", headers=headers,
+                                       data=args, timeout=(5.0, self.config.rest_timeout_s))
             else:
                 resp = self._http.post(f"{self._api_base}/{method}", headers=headers,
                                        json=args, timeout=(5.0, self.config.rest_timeout_s))
@@ -344,6 +368,68 @@ class SlackAdapter(WebSocketAdapter):
             attachments=attachments,
             reply_ref={"channel": channel, "thread_ts": thread_ts, "ts": ts})
 
+    # -- media ---------------------------------------------------------------------------------
+    def media_source(self, att: Attachment, msg: InboundMessage) -> MediaSource:
+        """url_private with the bot token (api.slack.com/types/file: "requires an
+        Authorization header with a bot token"); the size Slack declared comes along."""
+        if not att.ref.startswith(("https://", "http://")):
+            raise MediaRefused("Slack did not give the bot a download link for this file")
+        token = self.config.bot_token.get_secret_value()
+        return MediaSource(att.ref, headers={"Authorization": f"Bearer {token}"},
+                           size=att.size, mime=att.mime, name=att.name)
+
+    def max_upload_bytes(self, media: str) -> int | None:
+        return UPLOAD_LIMIT_BYTES
+
+    def send_file(self, out: OutboundMessage) -> None:
+        """getUploadURLExternal -> POST the bytes -> completeUploadExternal (in the thread)."""
+        file = OutboundFile.from_row(out.file)
+        ref = out.reply_ref if isinstance(out.reply_ref, dict) else {}
+        channel = ref.get("channel") if _ident(ref.get("channel")) else out.chat_id
+        thread_ts = ref.get("thread_ts")
+        if not _ident(channel) or not _ident(thread_ts):
+            raise SendError("reply_ref lacks channel/thread_ts", retryable=False)
+        try:
+            data = read_file(file.path, UPLOAD_LIMIT_BYTES)
+        except (OSError, ValueError) as e:
+            raise SendError(f"file unusable: {type(e).__name__}", retryable=False) from None
+        try:
+            ticket = self._call("files.getUploadURLExternal",
+                                {"filename": file.name, "length": str(len(data))}, form=True)
+        except ApiError as e:
+            raise self._send_error(e, out) from None
+        upload_url, file_id = ticket.get("upload_url"), ticket.get("file_id")
+        if not (isinstance(upload_url, str) and upload_url.startswith(("https://", "http://"))
+                and _ident(file_id)):
+            raise SendError("files.getUploadURLExternal answered without upload_url/file_id")
+        self._upload_bytes(upload_url, file, data)
+        args = {"files": json.dumps([{"id": file_id, "title": file.name}]),
+                "channel_id": channel, "thread_ts": thread_ts}
+        caption = (out.text or file.caption).strip()
+        if caption:
+            args["initial_comment"] = caption[:REPLY_CHUNK_CHARS]
+        try:
+            self._call("files.completeUploadExternal", args, form=True)
+        except ApiError as e:
+            raise self._send_error(e, out) from None
+        self.log.info("file sent platform=slack bot=%s chat=%s msg=%s bytes=%d media=%s",
+                      self.bot_id, channel, out.in_reply_to, len(data), file.media)
+
+    def _upload_bytes(self, url: str, file: OutboundFile, data: bytes) -> None:
+        """The file's bytes to the upload URL Slack issued (slack_sdk `_upload_file` posts
+        them as the body; no token: the URL is signed). Errors never carry the URL."""
+        try:
+            resp = self._http.post(url, data=data,
+                                   headers={"Content-Type": "application/octet-stream"},
+                                   timeout=(5.0, UPLOAD_TIMEOUT_S))
+        except requests.RequestException as e:
+            raise SendError(f"file upload failed: {type(e).__name__}") from None
+        if resp.status_code != 200:
+            raise SendError(f"file upload refused: HTTP {resp.status_code}",
+                            retryable=resp.status_code >= 500 or resp.status_code == 429,
+                            retry_after=retry_after_s(resp.headers) if resp.status_code == 429
+                            else None)
+
     # -- outbound ------------------------------------------------------------------------------
     def reply_chunk_chars(self) -> int:
         return REPLY_CHUNK_CHARS
@@ -453,7 +539,9 @@ def _utf8_safe(text: str) -> str:
 
 
 def _attachments(files: Any) -> tuple[Attachment, ...]:
-    """Shared files, described (url_private needs the bot token to fetch; never fetched here)."""
+    """Shared files, described (url_private needs the bot token to fetch; never fetched here:
+    the gateway's media module does, through `media_source`). A file without url_private
+    (Slack Connect's `file_access: check_file_info`) keeps its id and is refused there."""
     found = []
     for f in files[:20] if isinstance(files, list) else ():
         if not isinstance(f, dict):
@@ -464,9 +552,12 @@ def _attachments(files: Any) -> tuple[Attachment, ...]:
         mime = f.get("mimetype") if isinstance(f.get("mimetype"), str) else ""
         kind = ("image" if mime.startswith("image/") else "voice" if mime.startswith("audio/")
                 else "video" if mime.startswith("video/") else "file")
-        name = f.get("name")
+        name, size = f.get("name"), f.get("size")
         found.append(Attachment(kind, _utf8_safe(ref[:1000]),
-                                _utf8_safe(name[:200]) if isinstance(name, str) else None))
+                                _utf8_safe(name[:200]) if isinstance(name, str) else None,
+                                mime=_utf8_safe(mime[:100]) or None,
+                                size=size if isinstance(size, int) and not isinstance(size, bool)
+                                and size >= 0 else None))
     return tuple(found)
 
 

@@ -45,6 +45,22 @@ What it enforces (each rule makes the real server refuse, drop or redeliver):
   cant_update_message. The bot's own posts come back as `message` events with `bot_id` (its
   DMs are subscribed with message.im), its edits as `message_changed`.
 
+- Files in (api.slack.com/types/file): `send_file_dm(data, ...)` shares a file in a DM: a
+  `message` event, subtype file_share, with `files: [{id, name, title, mimetype, filetype,
+  size, url_private, url_private_download, ...}]`. url_private answers only a request with the
+  bot token in `Authorization: Bearer`; without it the fake answers what a browser without a
+  session gets: a 200 HTML login page (*unverified*: Slack's exact answer; the strict reading
+  for a client that checks what it downloaded).
+- Files out (slack_sdk `files_upload_v2`; files.getUploadURLExternal / completeUploadExternal
+  reference pages): files.getUploadURLExternal {filename, length} (bot token; form args) ->
+  {upload_url, file_id}; the upload URL takes ONE POST of exactly `length` bytes (raw, or a
+  multipart part), with no token (*unverified*: a second POST and a length mismatch are refused
+  here with HTTP 400); files.completeUploadExternal {files: JSON [{id, title}], channel_id,
+  thread_ts, initial_comment} shares each uploaded, not yet completed file (else
+  file_not_found / upload_not_complete *unverified names*) in the channel (channel_not_found)
+  and thread (thread_not_found). `files_shared` records what a user sees; `uploads` counts
+  accepted byte uploads; `hold_file_sends()` holds completeUploadExternal unprocessed.
+
 Use from tests, the demo and benchmarks:
     fake = FakeSlackServer(ack_timeout_s=0.3).start()     # fake.app_token, fake.bot_token
     ts = fake.send_dm("hi")                                 # a DM from a user; returns its ts
@@ -60,6 +76,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import mimetypes
 import time
 import urllib.parse
 import uuid
@@ -67,13 +84,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.pool
 from geventwebsocket.websocket import WebSocket
 
-from hermes_green.testing.driver import Keepalive, PlatformDriver, ReplyRow
-from hermes_green.testing.harness import Conn, FakePlatformServer
+from hermes_green.testing.driver import Keepalive, PlatformDriver, ReplyRow, SentFile
+from hermes_green.testing.harness import Conn, FakePlatformServer, parse_multipart
 
 MAX_TEXT_CHARS = 40_000  # changelog 2018-04-truncating-really-long-messages
+MAX_UPLOAD_BYTES = 1024 * 1024 * 1024  # 1 GB per file *unverified for the external flow*
+LOGIN_PAGE = b"<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in</body></html>"
 MAX_CONNECTIONS = 10  # socket-mode: "up to 10 simultaneous connections" per app
 FATAL_AUTH_ERRORS = ("not_authed", "invalid_auth", "account_inactive", "token_revoked",
                      "token_expired", "not_allowed_token_type")
@@ -164,6 +184,15 @@ class FakeSlackServer(FakePlatformServer):
         self._revoked: str | None = None
         self._fail_next: dict[str, list[str]] = {}
         self._ratelimit: dict[str, list[float]] = {}
+        # files
+        self.files_shared: list[SentFile] = []  # what completeUploadExternal put in a chat
+        self.uploads = 0  # byte uploads to an upload URL the fake accepted
+        self.held_sends = 0
+        self.slack_files: set[str] = set()  # hosted media ids that are url_private files
+        self._uploads: dict[str, dict] = {}  # upload id -> {file_id, filename, length, data}
+        self._files: dict[str, dict] = {}  # file id -> the same dict
+        self._release = gevent.event.Event()
+        self._release.set()
 
     # -- URLs ----------------------------------------------------------------------------------
     @property
@@ -223,6 +252,47 @@ class FakeSlackServer(FakePlatformServer):
         self.envelopes.append(record)
         self._dispatch(record, 0, "")
         return record
+
+    def send_file_dm(self, data: bytes, *, name: str, mimetype: str, user: str = "U0USER1",
+                     text: str = "") -> str:
+        """A user shares a file in their DM with the bot (file_share); returns the ts."""
+        channel = self.dm_channel(user)
+        url = self.host_media(data, mimetype)
+        self.slack_files.add(url.rsplit("/", 1)[-1])
+        file_id = f"F{uuid.uuid4().hex[:10].upper()}"
+        filetype = name.rsplit(".", 1)[-1].lower() if "." in name else "binary"
+        file = {"id": file_id, "created": int(time.time()), "timestamp": int(time.time()),
+                "name": name, "title": name, "mimetype": mimetype, "filetype": filetype,
+                "pretty_type": filetype.upper(), "user": user, "mode": "hosted",
+                "editable": False, "is_external": False, "external_type": "",
+                "is_public": False, "public_url_shared": False, "size": len(data),
+                "url_private": url, "url_private_download": url + "?download=1",
+                "permalink": f"https://fake.slack.com/files/{user}/{file_id}/{name}"}
+        ts = self._new_ts()
+        event = {"type": "message", "subtype": "file_share", "text": text, "user": user,
+                 "ts": ts, "team": self.team_id, "channel": channel, "event_ts": ts,
+                 "channel_type": "im", "files": [file], "upload": False,
+                 "display_as_bot": False, "client_msg_id": str(uuid.uuid4())}
+        self.messages[(channel, ts)] = Message(channel, ts, user, text, None,
+                                               at=time.monotonic())
+        self.user_events[(channel, ts)] = event
+        self.send_event(event)
+        return ts
+
+    def media_refusal(self, media_id: str, headers: dict) -> tuple | None:
+        media_id = media_id.split("?", 1)[0]
+        if media_id in self.slack_files and \
+                headers.get("Authorization") != f"Bearer {self.bot_token}":
+            self.refused.append(("url_private", "no_token"))
+            return 200, LOGIN_PAGE, {"Content-Type": "text/html; charset=utf-8"}
+        return None
+
+    def hold_file_sends(self) -> None:
+        """files.completeUploadExternal is held unanswered (and never processed)."""
+        self._release.clear()
+
+    def release_file_sends(self) -> None:
+        self._release.set()
 
     # -- records -------------------------------------------------------------------------------
     def thread_posts(self, channel: str, ts: str) -> list[Message]:
@@ -298,13 +368,15 @@ class FakeSlackServer(FakePlatformServer):
 
     # -- Web API -------------------------------------------------------------------------------
     def routes(self):
-        return {("POST", "/api/"): self._api}
+        return {("POST", "/api/"): self._api, ("POST", "/upload/v1/"): self._upload_bytes}
 
     def _api(self, request: dict) -> tuple:
         method = request["path"][len("/api/"):]
         handler = {"apps.connections.open": self._connections_open, "auth.test": self._auth_test,
                    "chat.postMessage": self._post_message,
-                   "chat.update": self._update}.get(method)
+                   "chat.update": self._update,
+                   "files.getUploadURLExternal": self._get_upload_url,
+                   "files.completeUploadExternal": self._complete_upload}.get(method)
         if handler is None:
             return 404, {"ok": False, "error": "unknown_method"}
         if self._ratelimit.get(method):
@@ -325,6 +397,79 @@ class FakeSlackServer(FakePlatformServer):
             self.refused.append((method, body.get("error")))
         self.changed()
         return status, body
+
+    # -- files ---------------------------------------------------------------------------------
+    def _get_upload_url(self, args: dict) -> tuple:
+        filename, length = args.get("filename"), str(args.get("length", ""))
+        if not isinstance(filename, str) or not filename or not length.isdigit():
+            return 200, {"ok": False, "error": "invalid_arguments"}
+        if not 0 < int(length) <= MAX_UPLOAD_BYTES:
+            return 200, {"ok": False, "error": "invalid_arguments"}
+        upload_id, file_id = uuid.uuid4().hex, f"F{uuid.uuid4().hex[:10].upper()}"
+        entry = {"file_id": file_id, "filename": filename, "length": int(length), "data": None,
+                 "completed": False}
+        self._uploads[upload_id] = self._files[file_id] = entry
+        return 200, {"ok": True, "upload_url": f"{self.http_base}/upload/v1/{upload_id}",
+                     "file_id": file_id}
+
+    def _upload_bytes(self, request: dict) -> tuple:
+        entry = self._uploads.get(request["path"][len("/upload/v1/"):])
+        if entry is None:
+            return 404, b"Not Found", {"Content-Type": "text/plain"}
+        if entry["data"] is not None:
+            self.refused.append(("upload", "used_twice"))
+            return 400, b"upload URL already used", {"Content-Type": "text/plain"}
+        data = request["body"] or b""
+        if request["headers"].get("Content-Type", "").startswith("multipart/"):
+            try:
+                _, parts = parse_multipart(request)
+            except ValueError:
+                return 400, b"bad multipart", {"Content-Type": "text/plain"}
+            data = next(iter(parts.values())).data if parts else b""
+        if len(data) != entry["length"]:
+            self.refused.append(("upload", "length_mismatch"))
+            self.changed()
+            return 400, b"length mismatch", {"Content-Type": "text/plain"}
+        entry["data"] = data
+        self.uploads += 1
+        self.changed()
+        return 200, f"OK - {len(data)}".encode(), {"Content-Type": "text/plain"}
+
+    def _complete_upload(self, args: dict) -> tuple:
+        if not self._release.is_set():
+            self.held_sends += 1
+            self.changed()
+            self._release.wait()
+            return 500, {"ok": False, "error": "fatal_error"}  # dropped: its client is gone
+        try:
+            files = json.loads(args.get("files") or "")
+        except (TypeError, ValueError):
+            return 200, {"ok": False, "error": "invalid_arguments"}
+        if not isinstance(files, list) or not files or not all(
+                isinstance(f, dict) and isinstance(f.get("id"), str) for f in files):
+            return 200, {"ok": False, "error": "invalid_arguments"}
+        channel, thread_ts = args.get("channel_id"), args.get("thread_ts")
+        if channel is not None and channel not in self.channels:
+            return 200, {"ok": False, "error": "channel_not_found"}
+        if thread_ts is not None and (channel, str(thread_ts)) not in self.messages:
+            return 200, {"ok": False, "error": "thread_not_found"}
+        entries = [self._files.get(f["id"]) for f in files]
+        if any(e is None or e["completed"] for e in entries):
+            return 200, {"ok": False, "error": "file_not_found"}
+        if any(e["data"] is None for e in entries):
+            return 200, {"ok": False, "error": "upload_not_complete"}
+        shown = []
+        for f, e in zip(files, entries):
+            e["completed"] = True
+            name = str(f.get("title") or e["filename"])
+            mime = mimetypes.guess_type(e["filename"])[0] or ""
+            if channel is not None:
+                self.files_shared.append(SentFile(
+                    f"{channel}:{thread_ts}" if thread_ts else "", name, e["data"],
+                    "image" if mime.startswith("image/") else "file"))
+            shown.append({"id": e["file_id"], "name": e["filename"], "title": name,
+                          "size": e["length"], "mimetype": mime})
+        return 200, {"ok": True, "files": shown}
 
     def _token_error(self, token: str | None, kind: str) -> str | None:
         if not token:
@@ -647,3 +792,25 @@ class Driver(PlatformDriver):
 
     def session_up_at(self, conn_id: int) -> float | None:
         return self.fake.hello_at.get(conn_id)
+
+    # -- media -----------------------------------------------------------------------------
+    def user_sends_media(self, data: bytes, *, kind: str, name: str, mime: str,
+                         transcript: str | None = None, chat: int = 0) -> str:
+        who = f"U0USER{chat}"
+        return f"{self.fake.dm_channel(who)}:" \
+               f"{self.fake.send_file_dm(data, name=name, mimetype=mime, user=who)}"
+
+    def files_sent(self) -> list[SentFile]:
+        return list(self.fake.files_shared)
+
+    def uploads(self) -> int:
+        return self.fake.uploads
+
+    def hold_file_sends(self) -> None:
+        self.fake.hold_file_sends()
+
+    def held_file_sends(self) -> int:
+        return self.fake.held_sends
+
+    def release_file_sends(self) -> None:
+        self.fake.release_file_sends()
