@@ -37,6 +37,23 @@ official SDKs dingtalk-stream-sdk-python `dingtalk_stream/{stream,frames,handler
                    cached, renewed early, renewed once when refused): /v1.0/robot/oToMessages/
                    batchSend (single chat, by the sender's staff id) or /v1.0/robot/
                    groupMessages/send (group, by conversationId), msgKey sampleMarkdown.
+    media in       picture / file / audio / video messages (and pictures in richText) carry a
+                   `downloadCode` (dingtalk_stream chatbot.py: ImageContent / RichTextContent
+                   `downloadCode`, `get_image_download_url` there). `media_source` trades it for
+                   a short-lived URL: POST {api_base}/v1.0/robot/messageFiles/download
+                   {downloadCode, robotCode} with the access token -> {downloadUrl}
+                   (open.dingtalk.com/document/orgapp/download-the-file-content-of-the-robot-
+                   receiving-message); the URL itself needs no token. An audio message's
+                   `recognition` is DingTalk's own transcript: it rides on the voice attachment
+                   (no audio is fetched then), and the gateway shows it as the message's text.
+    send_file      upload: POST {oapi_base}/media/upload?access_token=&type=image|file, the file
+                   as multipart part `media` -> {errcode 0, media_id} (the classic oapi media
+                   API; that the new OpenAPI access token is accepted there is *unverified*, it
+                   is the same app's token); then the robot OpenAPI as for text, msgKey
+                   sampleImageMsg {photoURL: media_id} or sampleFile {mediaId, fileName,
+                   fileType} (the robot message templates; photoURL taking a media id is
+                   *unverified*). The session webhook takes no files, so files always go
+                   through the OpenAPI.
 
 Facts not verified against the live platform are marked *unverified*.
 """
@@ -58,6 +75,7 @@ from .base import ConnectionLost, FatalPlatformError, JournalFailure, SendError
 from .botconfig import BotConfig
 from .kit import CachedToken, SkipFrame, TokenRefused, decode_json, retry_after_s, \
     with_token_renewal
+from .media import MediaRefused, MediaSource, OutboundFile, read_file
 from .registry import PlatformSpec
 from .transports.websocket import Keepalive, WebSocketAdapter
 
@@ -66,6 +84,15 @@ TOKEN_PATH = "/v1.0/oauth2/accessToken"
 OTO_PATH = "/v1.0/robot/oToMessages/batchSend"
 GROUP_PATH = "/v1.0/robot/groupMessages/send"
 BOT_TOPIC = "/v1.0/im/bot/messages/get"
+DOWNLOAD_PATH = "/v1.0/robot/messageFiles/download"
+UPLOAD_PATH = "/media/upload"  # on oapi_base
+# media/upload limits (open.dingtalk.com "上传媒体文件": image 20 MB, file 20 MB, voice 2 MB,
+# video 20 MB in the current page; older pages said image 1 MB / file 10 MB) *unverified*.
+UPLOAD_LIMITS = {"image": 20 * 1024 * 1024, "file": 20 * 1024 * 1024,
+                 "voice": 2 * 1024 * 1024, "video": 20 * 1024 * 1024}
+# oapi errcodes for a bad / expired access token (40014 invalid, 42001 expired) *unverified*.
+OAPI_TOKEN_ERRCODES = frozenset({40014, 42001})
+UPLOAD_TIMEOUT = (5.0, 120.0)
 
 TYPE_SYSTEM, TYPE_EVENT, TYPE_CALLBACK = "SYSTEM", "EVENT", "CALLBACK"
 TOPIC_PING, TOPIC_DISCONNECT = "ping", "disconnect"
@@ -167,6 +194,7 @@ class DingTalkConfig(BotConfig):
     client_id: str  # the app's ClientID (formerly AppKey)
     client_secret: SecretStr
     api_base: str = "https://api.dingtalk.com"
+    oapi_base: str = "https://oapi.dingtalk.com"  # the classic API: media/upload
     robot_code: str = ""  # empty: the client_id, as the SDK uses it
     ping_interval_s: float = Field(30.0, gt=0)
     # No data frame (server ping, message) for this long: the link is a zombie. The server's
@@ -190,6 +218,7 @@ class DingTalkAdapter(WebSocketAdapter):
         self.heartbeat_interval_s = config.ping_interval_s
         self.silence_timeout_s = config.server_silence_s  # data frames only (the kit's rule)
         self._api_base = config.api_base.rstrip("/")
+        self._oapi_base = config.oapi_base.rstrip("/")
         self._robot_code = config.robot_code or config.client_id
         self._wall = wall_clock
         self._http = requests.Session()
@@ -351,7 +380,7 @@ class DingTalkAdapter(WebSocketAdapter):
                 and self._wall() * 1000 < expires_ms - WEBHOOK_MARGIN_S * 1000):
             if self._send_webhook(webhook, markdown, out):
                 return
-        self._send_openapi(ref, markdown, out)
+        self._send_openapi(ref, "sampleMarkdown", markdown, out)
 
     def _send_webhook(self, url: str, markdown: dict, out: OutboundMessage) -> bool:
         """True: delivered. False: the webhook refused it without delivering (gone, throttled):
@@ -376,11 +405,11 @@ class DingTalkAdapter(WebSocketAdapter):
                             retry_after=retry_after_s(resp.headers))
         raise SendError(f"session webhook refused the reply ({detail})", retryable=False)
 
-    def _send_openapi(self, ref: dict, markdown: dict, out: OutboundMessage) -> None:
+    def _send_openapi(self, ref: dict, msg_key: str, param: dict, out: OutboundMessage) -> None:
         kind, conv, staff = ref.get("conversation_type"), ref.get("conversation_id"), \
             ref.get("staff_id")
-        body: dict[str, Any] = {"robotCode": self._robot_code, "msgKey": "sampleMarkdown",
-                                "msgParam": json.dumps(markdown, ensure_ascii=False)}
+        body: dict[str, Any] = {"robotCode": self._robot_code, "msgKey": msg_key,
+                                "msgParam": json.dumps(param, ensure_ascii=False)}
         if kind == GROUP_CHAT and _ids(conv):
             path, body["openConversationId"] = GROUP_PATH, conv
         elif kind == SINGLE_CHAT and _ids(staff):
@@ -428,6 +457,94 @@ class DingTalkAdapter(WebSocketAdapter):
         raise SendError(f"robot OpenAPI refused the reply ({detail})", retryable=False)
 
 
+    # -- media ---------------------------------------------------------------------------------
+    def media_source(self, att: Attachment, msg: InboundMessage) -> MediaSource:
+        """downloadCode -> downloadUrl (robot messageFiles/download, with the access token)."""
+        if not att.ref or att.ref.startswith(("https://", "http://")):
+            raise MediaRefused("DingTalk sent no download code for this file")
+        body = {"downloadCode": att.ref, "robotCode": self._robot_code}
+
+        def call(token: str) -> requests.Response:
+            resp = self._http.post(self._api_base + DOWNLOAD_PATH, json=body,
+                                   timeout=REST_TIMEOUT,
+                                   headers={"x-acs-dingtalk-access-token": token})
+            if resp.status_code == 401 or \
+                    _json_body(resp).get("code") in TOKEN_REFUSED_CODES:
+                raise TokenRefused()
+            return resp
+
+        try:
+            resp = with_token_renewal(self.token, call)
+        except TokenRefused:
+            raise MediaRefused("DingTalk refused the bot's access token for the download") \
+                from None
+        except (ConnectionLost, FatalPlatformError):
+            raise MediaRefused("the bot has no DingTalk access token right now") from None
+        answer = _json_body(resp)
+        url = answer.get("downloadUrl")
+        if resp.status_code != 200 or not isinstance(url, str) or \
+                not url.startswith(("https://", "http://")):
+            raise MediaRefused(f"DingTalk did not hand out the file (HTTP {resp.status_code} "
+                               f"code {str(answer.get('code'))[:60]})")
+        return MediaSource(url, size=att.size, mime=att.mime, name=att.name)
+
+    def max_upload_bytes(self, media: str) -> int | None:
+        return UPLOAD_LIMITS.get(media, UPLOAD_LIMITS["file"])
+
+    def send_file(self, out: OutboundMessage) -> None:
+        """media/upload, then a sampleImageMsg / sampleFile robot message (OpenAPI)."""
+        file = OutboundFile.from_row(out.file)
+        image = file.media == "image" and file.size <= UPLOAD_LIMITS["image"]
+        kind = "image" if image else "file"
+        try:
+            data = read_file(file.path, UPLOAD_LIMITS[kind])
+        except (OSError, ValueError) as e:
+            raise SendError(f"file unusable: {type(e).__name__}", retryable=False) from None
+        media_id = self._upload(kind, file, data)
+        ext = file.name.rsplit(".", 1)[-1].lower() if "." in file.name else "file"
+        if image:
+            self._send_openapi(out.reply_ref or {}, "sampleImageMsg", {"photoURL": media_id}, out)
+        else:
+            self._send_openapi(out.reply_ref or {}, "sampleFile",
+                               {"mediaId": media_id, "fileName": file.name, "fileType": ext},
+                               out)
+        self.log.info("file sent platform=dingtalk chat=%s msg=%s bytes=%d media=%s",
+                      out.chat_id, out.in_reply_to, len(data), kind)
+
+    def _upload(self, kind: str, file: OutboundFile, data: bytes) -> str:
+        """POST oapi media/upload (multipart `media`) -> media_id. The token travels in the
+        query string, as that API wants it: errors here never include the URL."""
+        def call(token: str) -> requests.Response:
+            resp = self._http.post(self._oapi_base + UPLOAD_PATH,
+                                   params={"access_token": token, "type": kind},
+                                   files={"media": (file.name, data, file.mime)},
+                                   timeout=UPLOAD_TIMEOUT)
+            if _json_body(resp).get("errcode") in OAPI_TOKEN_ERRCODES:
+                raise TokenRefused()
+            return resp
+
+        try:
+            resp = with_token_renewal(self.token, call)
+        except requests.RequestException as e:
+            raise SendError(f"media upload unreachable: {type(e).__name__}") from None
+        except TokenRefused:
+            raise SendError("media upload refused a fresh access token", retryable=False) \
+                from None
+        except ConnectionLost as e:
+            raise SendError(f"no access token: {e}", retry_after=e.retry_after) from None
+        except FatalPlatformError as e:
+            raise SendError(str(e), retryable=False) from None
+        answer = _json_body(resp)
+        media_id = answer.get("media_id")
+        if resp.status_code == 200 and answer.get("errcode") == 0 and _ids(media_id):
+            return media_id
+        detail = f"HTTP {resp.status_code} errcode {str(answer.get('errcode'))[:20]}"
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise SendError(f"media upload failed ({detail})",
+                            retry_after=retry_after_s(resp.headers))
+        raise SendError(f"media upload refused ({detail})", retryable=False)
+
+
 def _content(d: dict) -> tuple[str, list[Attachment]]:
     """Text and attachments of one bot message by `msgtype` (developerpedia
     docs/learn/bot/message.md): text, richText, picture, audio (with its recognition), video,
@@ -442,9 +559,14 @@ def _content(d: dict) -> tuple[str, list[Attachment]]:
     if kind == "picture":
         return "", [Attachment("image", code)] if code else []
     if kind == "audio":
+        # DingTalk's own speech recognition: the transcript of the voice attachment (the
+        # gateway shows it as the message's words and fetches no audio); without a download
+        # code the words alone remain.
         said = content.get("recognition")
-        return (said.strip() if isinstance(said, str) else ""), \
-            [Attachment("voice", code)] if code else []
+        said = said.strip() if isinstance(said, str) and said.strip() else None
+        if not code:
+            return said or "", []
+        return "", [Attachment("voice", code, transcript=said)]
     if kind == "video":
         return "", [Attachment("video", code)] if code else []
     if kind == "file":

@@ -34,6 +34,18 @@ What it enforces, and where each rule comes from (dp = open-dingtalk developerpe
   300001 "session 不存在" (agentscope-ai/agentscope#1317); at most `webhook_rate_per_min` posts a
   minute per webhook, then 130101 (the robot webhooks' documented 20 a minute); bodies over 20,000
   bytes get 460101 (feiyu563/PrometheusAlert#318); msgtype text|markdown.
+- files in: picture / file / audio messages carry a `downloadCode` (audio also `recognition`,
+  DingTalk's transcript; developerpedia docs/learn/bot/message.md, dingtalk_stream chatbot.py);
+  POST /v1.0/robot/messageFiles/download {downloadCode, robotCode} with a valid token ->
+  {downloadUrl} (a URL of this fake that lives `download_url_ttl_s`, *unverified* life);
+  an unknown code or another robotCode -> HTTP 400 {code: invalidParameter} *unverified code*.
+- files out: POST /media/upload?access_token=&type=image|voice|video|file with the multipart
+  part `media` (the classic oapi API; a bad token -> errcode 40014 *unverified*; a file over
+  the type's limit, 20 MB here *unverified*, -> errcode 40004 *unverified*) -> {errcode 0,
+  media_id, type, created_at}; then the robot OpenAPI with msgKey sampleImageMsg {photoURL:
+  media_id} or sampleFile {mediaId, fileName, fileType}: an unknown media id -> 400
+  invalidParameter. `files` records what users see (attributed like replies); `uploads`
+  counts accepted uploads; `hold_file_sends()` holds those robot sends unprocessed.
 
 Test and demo API:
     fake = FakeDingTalkServer(server_ping_interval_s=0.2, ping_deadline_s=0.5).start()
@@ -66,14 +78,17 @@ import gevent.pool
 
 from geventwebsocket.websocket import WebSocket
 
-from .driver import Keepalive, PlatformDriver, ReplyRow
-from .harness import Conn, FakePlatformServer
+from .driver import Keepalive, PlatformDriver, ReplyRow, SentFile
+from .harness import Conn, FakePlatformServer, parse_multipart
 
 BOT_TOPIC = "/v1.0/im/bot/messages/get"
 TYPES = frozenset({"SYSTEM", "EVENT", "CALLBACK"})
 WEBHOOK_GONE, WEBHOOK_TOO_FAST, WEBHOOK_TOO_LARGE, WEBHOOK_BAD = 300001, 130101, 460101, 40035
 MAX_BODY_BYTES = 20000
 THROTTLE_CODE = "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi"
+UPLOAD_TYPES = {"image": 20 * 1024 * 1024, "voice": 2 * 1024 * 1024,
+                "video": 20 * 1024 * 1024, "file": 20 * 1024 * 1024}
+FILE_MSG_KEYS = ("sampleImageMsg", "sampleFile")
 
 
 # gevent-websocket answers pings inside its reader, and its WebSocket has __slots__: the fake
@@ -155,7 +170,8 @@ class FakeDingTalkServer(FakePlatformServer):
                  keepalive_deadline_s: float | None = None, disconnect_grace_s: float = 10.0,
                  event_ack_timeout_s: float = 5.0, event_redeliver_limit: int = 5,
                  duplicate_events: bool = False, webhook_ttl_s: float = 5400.0,
-                 webhook_rate_per_min: int = 20, token_expire_s: float = 7200.0) -> None:
+                 webhook_rate_per_min: int = 20, token_expire_s: float = 7200.0,
+                 download_url_ttl_s: float = 3600.0) -> None:
         super().__init__()
         self.client_id, self.client_secret = client_id, client_secret
         self.robot_code = robot_code or client_id
@@ -171,6 +187,15 @@ class FakeDingTalkServer(FakePlatformServer):
         self.webhook_ttl_s = webhook_ttl_s
         self.webhook_rate_per_min = webhook_rate_per_min
         self.token_expire_s = token_expire_s
+        self.download_url_ttl_s = download_url_ttl_s
+        # files
+        self.files: list[SentFile] = []  # files shown in a chat (sampleImageMsg / sampleFile)
+        self.uploads = 0  # media/upload calls accepted
+        self.held_sends = 0
+        self.download_codes: dict[str, tuple[bytes, str]] = {}  # code -> (data, content type)
+        self.media_ids: dict[str, tuple[str, str, bytes]] = {}  # id -> (type, filename, data)
+        self._release = gevent.event.Event()
+        self._release.set()
         # records
         self.replies: list[Reply] = []
         self.pushes: list[Push] = []
@@ -243,6 +268,32 @@ class FakeDingTalkServer(FakePlatformServer):
         self._sessions[session] = {"msg_id": msg_id, "expires_ms": expires, "posts": []}
         self._push_callback(data)
         return msg_id
+
+    def send_media_message(self, data: bytes, *, kind: str, name: str, mime: str,
+                           transcript: str | None = None, staff_id: str = "staff-1",
+                           conversation_type: str = "1") -> str:
+        """A user sends a picture / file / voice (audio) message: its bytes are behind a
+        downloadCode; an audio message carries `recognition` when `transcript` is given."""
+        code = f"dl{uuid.uuid4().hex}"
+        self.download_codes[code] = (data, mime)
+        if kind == "image":
+            msgtype, content = "picture", {"downloadCode": code, "pictureDownloadCode": code}
+        elif kind == "voice":
+            msgtype, content = "audio", {"downloadCode": code, "duration": 2000}
+            if transcript is not None:
+                content["recognition"] = transcript
+        else:
+            msgtype, content = "file", {"downloadCode": code, "fileName": name,
+                                        "spaceId": "fake-space", "fileId": uuid.uuid4().hex}
+        return self.send_user_message(msgtype=msgtype, content=content, staff_id=staff_id,
+                                      conversation_type=conversation_type)
+
+    def hold_file_sends(self) -> None:
+        """Robot sends of sampleImageMsg / sampleFile are held unanswered, never processed."""
+        self._release.clear()
+
+    def release_file_sends(self) -> None:
+        self._release.set()
 
     def redeliver(self, msg_id: str) -> Push | None:
         """Push a bot message again (a fresh frame messageId, the same data), as after a
@@ -533,6 +584,8 @@ class FakeDingTalkServer(FakePlatformServer):
             ("POST", "/v1.0/robot/oToMessages/batchSend"): self._robot_send,
             ("POST", "/v1.0/robot/groupMessages/send"): self._robot_send,
             ("POST", "/robot/sendBySession"): self._session_send,
+            ("POST", "/v1.0/robot/messageFiles/download"): self._file_download,
+            ("POST", "/media/upload"): self._media_upload,
             ("GET", self.ws_path): self._handshake_refusal,
         }
 
@@ -577,6 +630,8 @@ class FakeDingTalkServer(FakePlatformServer):
             return 403, {"code": THROTTLE_CODE, "message": "QPS limit"}
         body = request["json"] if isinstance(request["json"], dict) else {}
         group = request["path"].endswith("/groupMessages/send")
+        if body.get("msgKey") in FILE_MSG_KEYS:
+            return self._robot_send_file(body, group)
         bad = self._bad_robot_body(body)
         if bad:
             self.refusals.append(("openapi", bad))
@@ -602,6 +657,105 @@ class FakeDingTalkServer(FakePlatformServer):
                 self._reply(known[u].conversation_id, text, title, "openapi")
         return 200, {"processQueryKey": uuid.uuid4().hex, "invalidStaffIdList": invalid,
                      "flowControlledStaffIdList": []}
+
+    def _robot_send_file(self, body: dict, group: bool):
+        if not self._release.is_set():
+            self.held_sends += 1
+            self.changed()
+            self._release.wait()
+            return 500, {"code": "ServiceUnavailable", "message": "dropped"}
+        if body.get("robotCode") != self.robot_code or not isinstance(body.get("msgParam"), str):
+            self.refusals.append(("openapi", "robotCode/msgParam"))
+            return 400, {"code": "invalidParameter", "message": "robotCode/msgParam"}
+        try:
+            param = json.loads(body["msgParam"])
+        except ValueError:
+            param = None
+        key = body["msgKey"]
+        if not isinstance(param, dict):
+            self.refusals.append(("openapi", "msgParam is not JSON"))
+            return 400, {"code": "invalidParameter", "message": "msgParam"}
+        media_id = param.get("photoURL" if key == "sampleImageMsg" else "mediaId")
+        if key == "sampleFile" and not (isinstance(param.get("fileName"), str)
+                                        and isinstance(param.get("fileType"), str)):
+            self.refusals.append(("openapi", "msgParam fields"))
+            return 400, {"code": "invalidParameter", "message": "msgParam fields"}
+        media = self.media_ids.get(media_id) if isinstance(media_id, str) else None
+        if media is None:
+            self.refusals.append(("openapi", "unknown_media_id"))
+            return 400, {"code": "invalidParameter", "message": "mediaId"}
+        kind, filename, data = media
+        name = param.get("fileName", "") if key == "sampleFile" else ""
+        shown = "image" if key == "sampleImageMsg" else "file"
+        if group:
+            conv = body.get("openConversationId")
+            if not any(m.conversation_id == conv for m in self.messages.values()):
+                self.refusals.append(("openapi", "unknown_conversation"))
+                return 400, {"code": "resource.not.found", "message": "conversation not found"}
+            convs, invalid = [conv], []
+        else:
+            users = body.get("userIds")
+            if not isinstance(users, list) or not 1 <= len(users) <= 20:
+                self.refusals.append(("openapi", "bad_userIds"))
+                return 400, {"code": "invalidParameter", "message": "userIds"}
+            known = {m.staff_id: m for m in self.messages.values() if m.conversation_type == "1"}
+            invalid = [u for u in users if u not in known]
+            convs = [known[u].conversation_id for u in users if u in known]
+        for conv in convs:
+            self.files.append(SentFile(self._attribute(conv) or "", name, data, shown))
+        self.changed()
+        answer: dict = {"processQueryKey": uuid.uuid4().hex}
+        if not group:
+            answer.update(invalidStaffIdList=invalid, flowControlledStaffIdList=[])
+        return 200, answer
+
+    def _attribute(self, conv: str) -> str | None:
+        """The message a file in that conversation answers: the one its last reply answered,
+        else the oldest one (the OpenAPI names none; see Reply)."""
+        last = next((r.msg_id for r in reversed(self.replies) if r.conversation_id == conv),
+                    None)
+        return last or next((m.msg_id for m in self.messages.values()
+                             if m.conversation_id == conv), None)
+
+    def _file_download(self, request: dict):
+        token = request["headers"].get("X-Acs-Dingtalk-Access-Token", "")
+        if self._tokens.get(token, 0.0) <= time.monotonic():
+            self.refusals.append(("download", "InvalidAuthentication"))
+            return 400, {"code": "InvalidAuthentication", "message": "不合法的access_token"}
+        body = request["json"] if isinstance(request["json"], dict) else {}
+        found = self.download_codes.get(body.get("downloadCode"))
+        if body.get("robotCode") != self.robot_code or found is None:
+            self.refusals.append(("download", "invalidParameter"))
+            return 400, {"code": "invalidParameter", "message": "downloadCode/robotCode"}
+        data, mime = found
+        return 200, {"downloadUrl": self.host_media(data, mime, ttl_s=self.download_url_ttl_s)}
+
+    def _media_upload(self, request: dict):
+        query = parse_qs(request["query"])
+        token, kind = query.get("access_token", [""])[0], query.get("type", [""])[0]
+        if self._tokens.get(token, 0.0) <= time.monotonic():
+            self.refusals.append(("upload", 40014))
+            return 200, {"errcode": 40014, "errmsg": "不合法的access_token"}
+        if kind not in UPLOAD_TYPES:
+            self.refusals.append(("upload", "type"))
+            return 200, {"errcode": 40005, "errmsg": "不合法的文件类型"}
+        try:
+            _, parts = parse_multipart(request)
+        except ValueError:
+            parts = {}
+        part = parts.get("media")
+        if part is None or not part.data:
+            self.refusals.append(("upload", "no_media"))
+            return 200, {"errcode": 41001, "errmsg": "缺少media参数"}
+        if len(part.data) > UPLOAD_TYPES[kind]:
+            self.refusals.append(("upload", 40004))
+            return 200, {"errcode": 40004, "errmsg": "不合法的媒体文件大小"}
+        media_id = f"@lA{uuid.uuid4().hex}"
+        self.media_ids[media_id] = (kind, part.filename or "", part.data)
+        self.uploads += 1
+        self.changed()
+        return 200, {"errcode": 0, "errmsg": "ok", "type": kind, "media_id": media_id,
+                     "created_at": self.now_ms()}
 
     def _bad_robot_body(self, body: dict) -> str | None:
         if body.get("robotCode") != self.robot_code:
@@ -683,8 +837,8 @@ class Driver(PlatformDriver):
 
     def bot_config(self, **extra: Any) -> dict:
         return {"client_id": self.fake.client_id, "client_secret": self.fake.client_secret,
-                "api_base": self.fake.http_base, "ping_interval_s": self.keepalive.interval_s,
-                **extra}
+                "api_base": self.fake.http_base, "oapi_base": self.fake.http_base,
+                "ping_interval_s": self.keepalive.interval_s, **extra}
 
     def bad_credentials_config(self, **extra: Any) -> dict:
         return self.bot_config(client_secret="not-the-secret", **extra)
@@ -706,6 +860,29 @@ class Driver(PlatformDriver):
     def lateness(self) -> list[float]:
         return [max(0.0, x) for conn_id in list(self.fake.keepalive_times)
                 for x in self.fake.keepalive_lateness(conn_id, self.keepalive.interval_s)]
+
+    # -- media -----------------------------------------------------------------------------
+    transcribes_voice = True  # audio messages carry DingTalk's `recognition`
+
+    def user_sends_media(self, data: bytes, *, kind: str, name: str, mime: str,
+                         transcript: str | None = None, chat: int = 0) -> str:
+        return self.fake.send_media_message(data, kind=kind, name=name, mime=mime,
+                                            transcript=transcript, staff_id=f"user{chat}")
+
+    def files_sent(self) -> list[SentFile]:
+        return list(self.fake.files)
+
+    def uploads(self) -> int:
+        return self.fake.uploads
+
+    def hold_file_sends(self) -> None:
+        self.fake.hold_file_sends()
+
+    def held_file_sends(self) -> int:
+        return self.fake.held_sends
+
+    def release_file_sends(self) -> None:
+        self.fake.release_file_sends()
 
     def session_up_at(self, conn_id: int) -> float | None:
         """The ticket is checked at the handshake: the session is up when the socket is."""
