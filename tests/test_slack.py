@@ -585,3 +585,70 @@ def test_bad_credentials_stop_one_bot_while_the_other_keeps_answering(tmp_path):
         gw.shutdown()
         good.stop()
         bad.stop()
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def file_out(msg, path, *, name: str, mime: str, media: str, text: str = "") -> OutboundMessage:
+    return OutboundMessage(platform="slack", chat_id=msg.chat_id, text=text,
+                           in_reply_to=msg.message_id, reply_ref=msg.reply_ref, kind="file",
+                           file={"path": str(path), "name": name, "mime": mime, "media": media,
+                                 "size": path.stat().st_size})
+
+
+def test_a_shared_file_is_described_and_its_url_private_is_fetched_with_the_bot_token(make):
+    h = ready(make())
+    data = b"%PDF-1.4 " + bytes(range(256)) * 40
+    ts = h.fake.send_file_dm(data, name="report.pdf", mimetype="application/pdf")
+    msg = delivered(h, h.fake.dm_channel("U0USER1"), ts)
+    [att] = msg.attachments
+    assert (att.kind, att.name, att.mime, att.size) == ("file", "report.pdf",
+                                                        "application/pdf", len(data))
+    src = h.adapter.media_source(att, msg)
+    assert src.size == len(data)
+    assert requests.get(src.url, headers=src.headers, timeout=5).content == data
+    # without the token Slack's file host answers a login page, never the file
+    anonymous = requests.get(src.url, timeout=5)
+    assert anonymous.content != data and "text/html" in anonymous.headers["Content-Type"]
+
+
+def test_a_file_goes_up_by_the_external_upload_and_is_shared_once_in_the_thread(make, tmp_path):
+    h = ready(make())
+    ts = h.fake.send_dm("send me the notes")
+    channel = h.fake.dm_channel("U0USER1")
+    msg = delivered(h, channel, ts)
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"line\n" * 5000)
+    h.adapter.send_file(file_out(msg, notes, name="notes.txt", mime="text/plain", media="file"))
+    [shared] = h.fake.files_shared
+    assert (shared.message_id, shared.name, shared.data, shared.media) == (
+        f"{channel}:{ts}", "notes.txt", notes.read_bytes(), "file")
+    assert h.fake.uploads == 1
+    calls = [c["path"].rsplit("/", 1)[-1] if c["path"].startswith("/api/") else "upload"
+             for c in h.fake.rest_calls if c["path"] != "/api/auth.test"
+             and "connections" not in c["path"]]
+    assert calls == ["files.getUploadURLExternal", "upload", "files.completeUploadExternal"]
+    # the upload URL carried no token; the Web API calls did
+    [put] = [c for c in h.fake.rest_calls if c["path"].startswith("/upload/")]
+    assert "Authorization" not in put["headers"]
+
+
+def test_the_fake_shares_no_file_whose_bytes_never_arrived_and_takes_one_upload_per_url(make):
+    h = make(run=False)
+    auth = {"Authorization": f"Bearer {h.fake.bot_token}"}
+    ticket = requests.post(f"{h.fake.api_base}/files.getUploadURLExternal", headers=auth,
+                           data={"filename": "a.txt", "length": "3"}, timeout=5).json()
+    h.fake.channels["C0GENERAL"] = "channel"
+    complete = {"files": json.dumps([{"id": ticket["file_id"]}]), "channel_id": "C0GENERAL"}
+    early = requests.post(f"{h.fake.api_base}/files.completeUploadExternal", headers=auth,
+                          data=complete, timeout=5).json()
+    assert early == {"ok": False, "error": "upload_not_complete"}
+    assert requests.post(ticket["upload_url"], data=b"abcd", timeout=5).status_code == 400
+    assert requests.post(ticket["upload_url"], data=b"abc", timeout=5).status_code == 200
+    assert requests.post(ticket["upload_url"], data=b"abc", timeout=5).status_code == 400
+    done = requests.post(f"{h.fake.api_base}/files.completeUploadExternal", headers=auth,
+                         data=complete, timeout=5).json()
+    assert done["ok"] is True and [f.data for f in h.fake.files_shared] == [b"abc"]
+    again = requests.post(f"{h.fake.api_base}/files.completeUploadExternal", headers=auth,
+                          data=complete, timeout=5).json()
+    assert again == {"ok": False, "error": "file_not_found"} and len(h.fake.files_shared) == 1
