@@ -55,7 +55,8 @@ def make():
             args.update(fake_kw or {})
             fake = FakeDingTalkServer(**args).start()
         cfg = dict(client_id=fake.client_id, client_secret=fake.client_secret,
-                   api_base=fake.http_base, ping_interval_s=PING_S, server_silence_s=5.0,
+                   api_base=fake.http_base, oapi_base=fake.http_base, ping_interval_s=PING_S,
+                   server_silence_s=5.0,
                    backoff=BackoffConfig(initial_s=0.05, max_s=0.3, healthy_after_s=0.5))
         cfg.update(cfg_kw or {})
         journal = journal if journal is not None else Journal()
@@ -706,3 +707,56 @@ def test_any_json_in_a_bot_message_is_delivered_or_skipped_never_an_error():
         assert msg.text or msg.attachments
 
     check()
+
+
+# --- files -------------------------------------------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 20
+
+
+def file_out(msg, path, *, name: str, mime: str, media: str) -> OutboundMessage:
+    return OutboundMessage(platform="dingtalk", chat_id=msg.chat_id, text="",
+                           in_reply_to=msg.message_id, reply_ref=msg.reply_ref, kind="file",
+                           file={"path": str(path), "name": name, "mime": mime, "media": media,
+                                 "size": path.stat().st_size})
+
+
+def test_a_picture_is_fetched_through_its_download_code_with_the_token_renewed_once(make):
+    import requests
+    from hermes_green.platforms.media import MediaRefused
+    h = ready(make())
+    msg = delivered(h, h.fake.send_media_message(PNG, kind="image", name="cat.png",
+                                                 mime="image/png", staff_id="erin"))
+    [att] = msg.attachments
+    assert att.kind == "image" and att.ref in h.fake.download_codes
+    src = h.adapter.media_source(att, msg)
+    assert requests.get(src.url, headers=src.headers, timeout=5).content == PNG
+    h.fake.expire_tokens()  # the cached token is refused: renewed once, then the code works
+    again = h.adapter.media_source(att, msg)
+    assert requests.get(again.url, timeout=5).content == PNG
+    assert ("download", "InvalidAuthentication") in h.fake.refusals
+    assert len(h.fake.issued_tokens) == 2
+    with pytest.raises(MediaRefused, match="did not hand out"):
+        h.adapter.media_source(att.__class__("file", "dl-unknown"), msg)
+
+
+def test_a_document_goes_up_by_media_upload_and_arrives_as_a_sample_file_message(make,
+                                                                                   tmp_path):
+    h = ready(make())
+    msg = delivered(h, h.fake.send_user_message("send the report", staff_id="erin"))
+    report = tmp_path / "report.pdf"
+    report.write_bytes(b"%PDF-1.4 " + bytes(range(256)) * 100)
+    h.adapter.token.get()
+    h.fake.expire_tokens()  # media/upload renews a refused token once too
+    h.adapter.send_file(file_out(msg, report, name="report.pdf", mime="application/pdf",
+                                 media="file"))
+    chart = tmp_path / "chart.png"
+    chart.write_bytes(PNG)
+    h.adapter.send_file(file_out(msg, chart, name="chart.png", mime="image/png", media="image"))
+    assert [(f.message_id, f.name, f.data, f.media) for f in h.fake.files] == [
+        (msg.message_id, "report.pdf", report.read_bytes(), "file"),
+        (msg.message_id, "", PNG, "image")]
+    assert h.fake.uploads == 2 and ("upload", 40014) in h.fake.refusals
+    sent = [c["json"] for c in h.fake.rest_calls if c["path"].endswith("/batchSend")]
+    assert [b["msgKey"] for b in sent] == ["sampleFile", "sampleImageMsg"]
+    assert json.loads(sent[0]["msgParam"])["fileType"] == "pdf"
