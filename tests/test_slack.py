@@ -620,7 +620,7 @@ def test_a_file_goes_up_by_the_external_upload_and_is_shared_once_in_the_thread(
     notes = tmp_path / "notes.txt"
     notes.write_bytes(b"line\n" * 5000)
     h.adapter.send_file(file_out(msg, notes, name="notes.txt", mime="text/plain", media="file"))
-    [shared] = h.fake.files_shared
+    [shared] = h.fake.files
     assert (shared.message_id, shared.name, shared.data, shared.media) == (
         f"{channel}:{ts}", "notes.txt", notes.read_bytes(), "file")
     assert h.fake.uploads == 1
@@ -648,7 +648,7 @@ def test_the_fake_shares_no_file_whose_bytes_never_arrived_and_takes_one_upload_
     assert requests.post(ticket["upload_url"], data=b"abc", timeout=5).status_code == 400
     done = requests.post(f"{h.fake.api_base}/files.completeUploadExternal", headers=auth,
                          data=complete, timeout=5).json()
-    assert done["ok"] is True and [f.data for f in h.fake.files_shared] == [b"abc"]
+    assert done["ok"] is True and [f.data for f in h.fake.files] == [b"abc"]
     again = requests.post(f"{h.fake.api_base}/files.completeUploadExternal", headers=auth,
                           data=complete, timeout=5).json()
-    assert again == {"ok": False, "error": "file_not_found"} and len(h.fake.files_shared) == 1
+    assert again == {"ok": False, "error": "file_not_found"} and len(h.fake.files) == 1

@@ -869,20 +869,9 @@ class Driver(PlatformDriver):
         return self.fake.send_media_message(data, kind=kind, name=name, mime=mime,
                                             transcript=transcript, staff_id=f"user{chat}")
 
-    def files_sent(self) -> list[SentFile]:
-        return list(self.fake.files)
-
+    # files_sent / hold / held / release: the PlatformDriver's (this fake keeps the same records)
     def uploads(self) -> int:
         return self.fake.uploads
-
-    def hold_file_sends(self) -> None:
-        self.fake.hold_file_sends()
-
-    def held_file_sends(self) -> int:
-        return self.fake.held_sends
-
-    def release_file_sends(self) -> None:
-        self.fake.release_file_sends()
 
     def session_up_at(self, conn_id: int) -> float | None:
         """The ticket is checked at the handshake: the session is up when the socket is."""

@@ -58,7 +58,7 @@ What it enforces (each rule makes the real server refuse, drop or redeliver):
   here with HTTP 400); files.completeUploadExternal {files: JSON [{id, title}], channel_id,
   thread_ts, initial_comment} shares each uploaded, not yet completed file (else
   file_not_found / upload_not_complete *unverified names*) in the channel (channel_not_found)
-  and thread (thread_not_found). `files_shared` records what a user sees; `uploads` counts
+  and thread (thread_not_found). `files` records what a user sees; `uploads` counts
   accepted byte uploads; `hold_file_sends()` holds completeUploadExternal unprocessed.
 
 Use from tests, the demo and benchmarks:
@@ -185,7 +185,7 @@ class FakeSlackServer(FakePlatformServer):
         self._fail_next: dict[str, list[str]] = {}
         self._ratelimit: dict[str, list[float]] = {}
         # files
-        self.files_shared: list[SentFile] = []  # what completeUploadExternal put in a chat
+        self.files: list[SentFile] = []  # what completeUploadExternal put in a chat
         self.uploads = 0  # byte uploads to an upload URL the fake accepted
         self.held_sends = 0
         self.slack_files: set[str] = set()  # hosted media ids that are url_private files
@@ -464,7 +464,7 @@ class FakeSlackServer(FakePlatformServer):
             name = str(f.get("title") or e["filename"])
             mime = mimetypes.guess_type(e["filename"])[0] or ""
             if channel is not None:
-                self.files_shared.append(SentFile(
+                self.files.append(SentFile(
                     f"{channel}:{thread_ts}" if thread_ts else "", name, e["data"],
                     "image" if mime.startswith("image/") else "file"))
             shown.append({"id": e["file_id"], "name": e["filename"], "title": name,
@@ -800,17 +800,6 @@ class Driver(PlatformDriver):
         return f"{self.fake.dm_channel(who)}:" \
                f"{self.fake.send_file_dm(data, name=name, mimetype=mime, user=who)}"
 
-    def files_sent(self) -> list[SentFile]:
-        return list(self.fake.files_shared)
-
+    # files_sent / hold / held / release: the PlatformDriver's (this fake keeps the same records)
     def uploads(self) -> int:
         return self.fake.uploads
-
-    def hold_file_sends(self) -> None:
-        self.fake.hold_file_sends()
-
-    def held_file_sends(self) -> int:
-        return self.fake.held_sends
-
-    def release_file_sends(self) -> None:
-        self.fake.release_file_sends()
