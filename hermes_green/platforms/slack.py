@@ -101,7 +101,9 @@ _ENVELOPE_ID = re.compile(r'"envelope_id"\s*:\s*"([^"\\]{1,200})"')
 
 class SlackConfig(BotConfig):
     app_token: SecretStr  # app-level token (xapp-), scope connections:write
-    bot_token: SecretStr  # bot token (xoxb-), scopes chat:write, im:history, app_mentions:read
+    # bot token (xoxb-), scopes chat:write, im:history, app_mentions:read; files:read (fetch
+    # url_private) and files:write (send_file) for files
+    bot_token: SecretStr
     api_base: str = "https://slack.com/api"
     ping_interval_s: float = Field(5.0, ge=0.05, le=60.0)  # slack_sdk's default ping_interval
     rest_timeout_s: float = Field(10.0, gt=0)
