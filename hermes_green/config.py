@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional
 
@@ -93,13 +94,38 @@ class _PlatformsBase(StrictModel):
         return {b.label: b.config for b in self.bots()}
 
 
-def _platforms_model() -> type[_PlatformsBase]:
-    fields: dict[str, Any] = {name: (Optional[list[spec.config]], None)
-                              for name, spec in registry.platforms().items()}
-    return create_model("PlatformsConfig", __base__=_PlatformsBase, **fields)
+class PlatformsConfig(_PlatformsBase):
+    """The `platforms:` section. Its model is made for the platforms the file names (see
+    `_for_names`): a platform's module, and with it its config model, is imported only when its
+    section is there, so a WeCom + QQ gateway never loads the other platforms. An unknown name
+    stays in the data and is refused as an unknown key ("did you mean" reads the cheap name
+    list). A known platform the file does not name reads as None, as a field left out would."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _lazy_fields(cls, data: Any, handler) -> Any:
+        if cls is PlatformsConfig and isinstance(data, dict) and data:
+            known = frozenset(k for k in data if isinstance(k, str) and k in registry.names())
+            if known:
+                return _for_names(known).model_validate(data)
+        return handler(data)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in registry.names():
+            return None
+        return super().__getattr__(name)
 
 
-PlatformsConfig = _platforms_model()
+@lru_cache(maxsize=64)
+def _for_names(names: frozenset[str]) -> type[PlatformsConfig]:
+    fields: dict[str, Any] = {name: (Optional[list[registry.spec(name).config]], None)
+                              for name in sorted(names)}
+    return create_model("PlatformsConfig", __base__=PlatformsConfig, **fields)
+
+
+def _platform_model(name: str) -> type[BaseModel] | None:
+    """The config model of one platform (imports its module), None for an unknown name."""
+    return registry.spec(name).config if name in registry.names() else None
 
 
 class StatusConfig(_Strict):
@@ -300,6 +326,11 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
+        if isinstance(model, type) and issubclass(model, PlatformsConfig):
+            model = _platform_model(part) if isinstance(part, str) else None
+            if model is None:
+                return None
+            continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return None
@@ -347,7 +378,10 @@ class _KeyPaths:
 def _unknown_key_hint(loc: tuple) -> str:
     key, model = loc[-1], _model_at(loc)
     if _plain(key):
-        fields = list(model.model_fields) if model is not None else []
+        if model is not None and issubclass(model, PlatformsConfig):
+            fields = list(registry.names())  # every platform, none of them imported
+        else:
+            fields = list(model.model_fields) if model is not None else []
         close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
         return f" (did you mean '{close[0]}'?)" if close else ""
     glue = _GLUE.search(key) if isinstance(key, str) else None

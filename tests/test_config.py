@@ -285,3 +285,40 @@ def test_a_glued_key_is_located_and_explained():
 def test_yaml_problems_do_not_quote_what_they_found():
     msg = error_of("gateway: *" + GLUED + "\n")
     assert msg == "<config>: invalid YAML at line 1, column 10: found undefined alias '...'"
+
+
+def test_a_config_loads_only_the_platform_modules_it_names():
+    """The registry lists platforms without importing them; a WeCom + QQ config imports those
+    two modules and no other platform's (a fresh interpreter, as the gateway starts)."""
+    import subprocess
+    import sys
+    code = (
+        "import hermes_green.runtime, sys\n"
+        "from hermes_green.config import parse_config\n"
+        "cfg = parse_config('platforms:\\n  wecom: {bot_id: b, secret: s}\\n"
+        "  qqbot: {app_id: \"1\", client_secret: x}\\n', env={})\n"
+        "from hermes_green.gateway import adapter_class\n"
+        "[adapter_class(b.platform) for b in cfg.platforms.bots()]\n"
+        "print(' '.join(sorted(m.rsplit('.', 1)[1] for m in sys.modules\n"
+        "      if m.startswith('hermes_green.platforms.') and m.count('.') == 2)))\n"
+        "print(any(m.startswith('lark_oapi') for m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split("\n")
+    loaded = set(out[0].split())
+    assert {"wecom", "qqbot"} <= loaded
+    assert not loaded & {"telegram", "discord", "slack", "dingtalk", "feishu"}, loaded
+    assert out[1] == "False"
+
+
+def test_an_unknown_platform_name_gets_a_hint_from_the_cheap_name_list():
+    assert error_of("platforms:\n  wecomm: {bot_id: b, secret: s}\n") == (
+        "platforms.wecomm: unknown key (did you mean 'wecom'?)")
+    assert error_of("platforms:\n  telegramm: {token: t}\n  qqbot: {app_id: '1', "
+                    "client_secret: x}\n") == (
+        "platforms.telegramm: unknown key (did you mean 'telegram'?)")
+
+
+def test_a_platform_the_file_does_not_name_reads_as_none():
+    cfg = parse_config("platforms:\n  qqbot: {app_id: '1', client_secret: x}\n", env={})
+    assert cfg.platforms.telegram is None and cfg.platforms.wecom is None
+    assert [b.label for b in cfg.platforms.bots()] == ["qqbot"]

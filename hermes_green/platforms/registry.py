@@ -7,8 +7,12 @@ and everything that needs to know the platforms (config's `platforms:` section, 
 `check`, the demo fleet, the status page) asks this module. Adding a platform touches its module,
 its fake and its tests, nothing else.
 
-Discovery imports the platform modules (cheap by rule: a module keeps heavy SDK imports inside
-the functions that need them); the adapter class is looked up by name on first use.
+Discovery is cheap: the names are the modules of this package (read by pkgutil, nothing
+imported), and a platform module is imported only when something asks for its spec: the config
+for a platform its file names, the gateway for a bot it runs, the fleet and `check` for theirs.
+A WeCom + QQ gateway never imports the other platforms' modules (their imports: websocket and
+requests pieces, lark's protobuf frame module, pydantic models: several MB and tens of ms).
+A module's name is its platform's name.
 """
 from __future__ import annotations
 
@@ -46,34 +50,38 @@ class PlatformSpec:
 
 
 @lru_cache(maxsize=1)
-def _discover() -> dict[str, PlatformSpec]:
-    from . import __path__ as pkg_path, __name__ as pkg_name
-    specs: dict[str, PlatformSpec] = {}
-    for info in sorted(pkgutil.iter_modules(pkg_path), key=lambda i: i.name):
-        if info.name in _NOT_PLATFORMS or info.name.startswith("_"):
-            continue
-        module_name = f"{pkg_name}.{info.name}"
-        module = importlib.import_module(module_name)
-        spec = getattr(module, "PLATFORM", None)
-        if not isinstance(spec, PlatformSpec):
-            continue
-        if spec.name in specs:
-            raise RuntimeError(f"platform {spec.name!r} declared twice ({module_name})")
-        specs[spec.name] = PlatformSpec(spec.name, spec.config, spec.adapter, spec.fake,
-                                        module_name)
-    return specs
+def names() -> tuple[str, ...]:
+    """Every platform's name, sorted, without importing any platform module."""
+    from . import __path__ as pkg_path
+    return tuple(sorted(info.name for info in pkgutil.iter_modules(pkg_path)
+                        if info.name not in _NOT_PLATFORMS and not info.name.startswith("_")))
 
 
-def platforms() -> dict[str, PlatformSpec]:
-    """Every known platform, by name, in a stable order."""
-    return dict(_discover())
+@lru_cache(maxsize=None)
+def _load(name: str) -> PlatformSpec:
+    module_name = f"{__package__}.{name}"
+    module = importlib.import_module(module_name)
+    spec = getattr(module, "PLATFORM", None)
+    if not isinstance(spec, PlatformSpec):
+        raise RuntimeError(f"{module_name} declares no PLATFORM = PlatformSpec(...) (every "
+                           f"module in hermes_green/platforms/ but the kit is a platform)")
+    if spec.name != name:
+        raise RuntimeError(f"{module_name} declares platform {spec.name!r}; a platform module "
+                           f"is named after its platform")
+    return PlatformSpec(spec.name, spec.config, spec.adapter, spec.fake, module_name)
 
 
 def spec(name: str) -> PlatformSpec:
-    try:
-        return _discover()[name]
-    except KeyError:
-        raise LookupError(f"unknown platform {name!r}") from None
+    """One platform's spec (imports that platform's module, once)."""
+    if name not in names():
+        raise LookupError(f"unknown platform {name!r}")
+    return _load(name)
+
+
+def platforms() -> dict[str, PlatformSpec]:
+    """Every known platform, by name, in a stable order (imports every platform module: for the
+    fleet, the contract kit and the docs, not for a gateway's start)."""
+    return {name: _load(name) for name in names()}
 
 
 def adapter_class(name: str) -> type["PlatformAdapter"]:
@@ -81,5 +89,5 @@ def adapter_class(name: str) -> type["PlatformAdapter"]:
 
 
 def describe() -> list[dict[str, Any]]:
-    """For the status page and `check`: name and config keys of each platform."""
-    return [{"name": s.name, "keys": sorted(s.config.model_fields)} for s in _discover().values()]
+    """Name and config keys of each platform (imports every platform module)."""
+    return [{"name": s.name, "keys": sorted(s.config.model_fields)} for s in platforms().values()]
