@@ -556,7 +556,6 @@ class Gateway:
                   for i, f in enumerate(files)]
         self.store.finish_turn(bot, chat_id, message_ids, parts,
                                user_text=user_text, answer_text=answer_text, state=state)
-        metrics.outbox_pending.set(self.store.outbox_pending())
         self._closed(bot, message_ids)
         if self.cluster is not None:  # the node that sends for this bot is woken
             self.cluster.replies_queued(bot)
@@ -666,7 +665,6 @@ class Gateway:
             metrics.messages_total.labels(out.platform, out.bot or out.platform, "out").inc()
             log.info("reply sent platform=%s bot=%s chat=%s outbox=%d part=%d", out.platform,
                      out.bot, out.chat_id, out.outbox_id, out.seq)
-        metrics.outbox_pending.set(self.store.outbox_pending())
         return True
 
     # -- stop --------------------------------------------------------------------------------

@@ -73,8 +73,8 @@ from .. import __version__
 from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, FatalPlatformError, JournalFailure, SendError
 from .botconfig import BotConfig
-from .kit import CachedToken, SkipFrame, TokenRefused, decode_json, retry_after_s, \
-    with_token_renewal
+from .kit import CachedToken, SkipFrame, TokenRefused, decode_json, http_session, \
+    retry_after_s, with_token_renewal
 from .media import MediaRefused, MediaSource, OutboundFile, read_file
 from .registry import PlatformSpec
 from .transports.websocket import Keepalive, WebSocketAdapter
@@ -221,7 +221,7 @@ class DingTalkAdapter(WebSocketAdapter):
         self._oapi_base = config.oapi_base.rstrip("/")
         self._robot_code = config.robot_code or config.client_id
         self._wall = wall_clock
-        self._http = requests.Session()
+        self._http = http_session()
         self._http.headers.update({"Accept": CONTENT_JSON, "User-Agent": _user_agent()})
         self.token = AccessToken(self._http, self._api_base + TOKEN_PATH, config.client_id,
                                  config.client_secret, clock=clock, log=self.log)

@@ -60,7 +60,8 @@ from pydantic import SecretStr
 from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, Delivery, FatalPlatformError, JournalFailure, SendError
 from .botconfig import BotConfig
-from .kit import SkipFrame, clamp_interval, decode_json, is_int, json_object, retry_after_s, spawn_owned
+from .kit import SkipFrame, clamp_interval, decode_json, http_session, is_int, json_object, \
+    retry_after_s, spawn_owned
 from .media import OutboundFile, read_file
 from .registry import PlatformSpec
 from .transports.websocket import CloseAction, WebSocketAdapter
@@ -237,7 +238,7 @@ class DiscordAdapter(WebSocketAdapter):
         self._rng = rng or random.Random()
         self.session_timeout_s = handshake_timeout_s  # Hello + READY/RESUMED, see the kit
         self._api_base = config.api_base.rstrip("/")
-        self._http = requests.Session()
+        self._http = http_session()
         self._http.headers["User-Agent"] = "DiscordBot (https://github.com/hermes-green, 1)"
         self.limits = RateLimits(clock)
         self.user_id = ""

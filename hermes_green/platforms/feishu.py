@@ -70,7 +70,7 @@ from pydantic import Field, SecretStr
 from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, FatalPlatformError, JournalFailure, PlatformError, SendError, State
 from .botconfig import BotConfig
-from .kit import CachedToken, spawn_owned
+from .kit import CachedToken, http_session, spawn_owned
 from .media import MediaRefused, MediaSource, OutboundFile, read_file
 from .registry import PlatformSpec
 from .transports.websocket import MAX_FRAME_BYTES, WebSocketAdapter
@@ -204,7 +204,7 @@ class FeishuApi:
         self.app_id = app_id
         self._secret = app_secret  # SecretStr: unwrapped only into request bodies
         self.timeout_s = timeout_s
-        self.http = requests.Session()
+        self.http = http_session()
         self.http.headers["User-Agent"] = "hermes-green"
         self._token = CachedToken(self._fetch_tenant_token, clock=clock,
                                   renew_margin=lambda expire: min(TOKEN_REFRESH_MARGIN_S,

@@ -61,7 +61,7 @@ from pydantic import Field, SecretStr
 from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, FatalPlatformError, JournalFailure, SendError
 from .botconfig import BotConfig
-from .kit import CachedToken, is_int, json_object, retry_after_s
+from .kit import CachedToken, http_session, is_int, json_object, retry_after_s
 from .media import MediaRefused, MediaSource, OutboundFile, read_file
 from .registry import PlatformSpec
 from .transports.websocket import CloseAction, WebSocketAdapter
@@ -215,7 +215,7 @@ class QQBotAdapter(WebSocketAdapter):
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S, **kw) -> None:
         super().__init__(config, on_message, **kw)
         self.session_timeout_s = handshake_timeout_s  # Hello + READY/RESUMED, see base
-        self._http = requests.Session()
+        self._http = http_session()
         self._http.headers["X-Union-Appid"] = config.app_id
         self.token = AccessToken(self._http, config.token_url, config.app_id,
                                  config.client_secret, clock=clock, log=self.log)

@@ -67,7 +67,7 @@ from .base import (ConnectionLost, Delivery, FatalPlatformError, JournalFailure,
                    SendError)
 from .media import MediaRefused, MediaSource, OutboundFile, read_file
 from .botconfig import BotConfig
-from .kit import SkipFrame, decode_json, retry_after_s, spawn_owned
+from .kit import SkipFrame, decode_json, http_session, retry_after_s, spawn_owned
 from .registry import PlatformSpec
 from .transports.websocket import Keepalive, WebSocketAdapter
 
@@ -165,7 +165,7 @@ class SlackAdapter(WebSocketAdapter):
         self.heartbeat_interval_s = config.ping_interval_s
         self.session_timeout_s = hello_timeout_s
         self._api_base = config.api_base.rstrip("/")
-        self._http = requests.Session()
+        self._http = http_session()
         self._me: dict | None = None
         self._mention: re.Pattern | None = None
         self._drafts: OrderedDict[tuple[str, str], _Draft] = OrderedDict()

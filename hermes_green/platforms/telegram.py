@@ -60,7 +60,7 @@ from pydantic import Field, SecretStr
 from ..models import Attachment, InboundMessage, OutboundMessage
 from .base import ConnectionLost, Delivery, FatalPlatformError, JournalFailure, SendError
 from .botconfig import BotConfig
-from .kit import SkipFrame, decode_json, is_int, retry_after_s, spawn_owned
+from .kit import SkipFrame, decode_json, http_session, is_int, retry_after_s, spawn_owned
 from .media import MediaRefused, MediaSource, OutboundFile, read_file
 from .registry import PlatformSpec
 from .transports.longpoll import LongPollAdapter
@@ -156,7 +156,7 @@ class TelegramAdapter(LongPollAdapter):
         self.poll_timeout_s = float(config.poll_timeout_s)
         self._token = config.token.get_secret_value()
         self._base = f"{config.api_base.rstrip('/')}/bot{self._token}/"
-        self._http = requests.Session()  # sends, edits, typing
+        self._http = http_session()  # sends, edits, typing
         self._poll_http: requests.Session | None = None  # one per connection
         self._me: dict | None = None
         self._offset: int | None = None
@@ -265,7 +265,7 @@ class TelegramAdapter(LongPollAdapter):
             self._offset = int(saved) if saved is not None and saved.isdigit() else 0
         if self._poll_http is not None:
             self._poll_http.close()
-        self._poll_http = requests.Session()
+        self._poll_http = http_session()
         self.log.info("polling platform=%s bot=%s username=%s offset=%d", self.name,
                       self.bot_id, self._me["username"], self._offset)
 
