@@ -1,6 +1,9 @@
 """Messages per second end to end, and what the gateway adds to each message.
 
-    python bench/throughput.py [--platform wecom|qqbot|feishu] [--messages 3000] [--rate 200]
+    python bench/throughput.py [--platform NAME] [--messages 3000] [--rate 200]
+
+NAME: any platform of the fleet (wecom, qqbot, feishu, telegram, discord, slack, dingtalk);
+results per platform go to bench/results/throughput-NAME.json.
 
 Path measured: fake platform -> adapter -> SQLite journal -> session -> zero-latency agent (the
 echo agent: no `agent` section) -> outbox (SQLite) -> adapter -> fake platform, with durable
@@ -22,14 +25,16 @@ import gevent
 import psutil
 
 from footprint import Gateway
-from hermes_green.testing.fleet import FakeFleet, Keepalive
+from hermes_green.testing.fleet import FakeFleet, Keepalive, all_platforms
 
 CHATS = 200
 
 
 def run(platform: str, messages: int, rate: float) -> dict:
     fleet = FakeFleet((platform,), keepalive=Keepalive(5.0, 30.0)).start()
-    config = {"gateway": {"status": {"enabled": False}, "log_level": "warning"},
+    # queue_cap: a burst puts ~15 messages in each chat's queue at once; none may be skipped
+    config = {"gateway": {"status": {"enabled": False}, "log_level": "warning",
+                          "busy": {"queue_cap": 10_000}},
               # users here send far more than a person would: no per-user limit
               "platforms": {name: {**section, "rate_limit": {"messages": 0}}
                             for name, section in fleet.platforms_config().items()}}
@@ -96,7 +101,7 @@ def run(platform: str, messages: int, rate: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--platform", default="wecom", choices=["wecom", "qqbot", "feishu"])
+    ap.add_argument("--platform", default="wecom", choices=all_platforms())
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--rate", type=float, default=200.0)
     args = ap.parse_args()

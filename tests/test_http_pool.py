@@ -62,18 +62,21 @@ def test_a_second_round_of_concurrent_replies_reuses_every_connection():
         assert server.connections == n  # requests' default pool kept 10: 6 new ones here
 
 
-def test_the_environment_is_read_per_call_only_when_it_names_a_proxy_or_ca(monkeypatch, tmp_path):
+def test_the_environment_is_read_per_call_only_when_it_names_a_proxy_or_netrc(monkeypatch,
+                                                                             tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
                  "https_proxy", "all_proxy", "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
                  "NETRC"):
         monkeypatch.delenv(name, raising=False)
-    assert http_session().trust_env is False
+    plain = http_session()
+    assert plain.trust_env is False and plain.verify is True
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/curl.pem")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/corp.pem")
+    bundled = http_session()  # the bundle requests would have read per call, read once
+    assert bundled.trust_env is False and bundled.verify == "/etc/ssl/corp.pem"
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert http_session().trust_env is True
     monkeypatch.delenv("HTTPS_PROXY")
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/corp.pem")
-    assert http_session().trust_env is True
-    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
     (tmp_path / ".netrc").write_text("machine example.com login a password b\n")
     assert http_session().trust_env is True

@@ -50,16 +50,17 @@ def spawn_owned(group: gevent.pool.Group, fn: Callable[..., Any], *args: Any, na
 # requests' default of 10, every sender past the tenth opened a new TCP (and TLS) connection per
 # reply and threw it away after ("Connection pool is full, discarding connection").
 HTTP_POOL_SIZE = 32
-# What requests reads from the environment on every call when `trust_env` is on (proxies, CA
-# bundles, netrc): scanning os.environ and stat-ing ~/.netrc cost ~15% of a reply's CPU.
-_HTTP_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "requests_ca_bundle",
-             "curl_ca_bundle", "netrc")
+# What requests reads from the environment on every call when `trust_env` is on: proxies (and
+# the netrc file) need requests' own per-URL logic; a CA bundle is one value, read once here.
+# Scanning os.environ and stat-ing ~/.netrc on every call cost ~15% of a reply's CPU.
+_PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "netrc")
 
 
 def http_session():
     """A requests.Session for one adapter's REST calls: a pooled keep-alive client sized for
-    the outbox's concurrency. When the environment names no proxy, CA bundle or netrc (checked
-    once, here), requests is told not to look for them again on every call; otherwise it
+    the outbox's concurrency. When the environment names no proxy and no netrc (checked once,
+    here), requests is told not to look again on every call, and a CA bundle it names
+    (REQUESTS_CA_BUNDLE, then CURL_CA_BUNDLE: requests' own order) is set once; otherwise it
     behaves exactly as a plain Session."""
     import os
 
@@ -71,8 +72,11 @@ def http_session():
     session.mount("https://", pooled)
     session.mount("http://", pooled)
     env = {k.lower() for k, v in os.environ.items() if v}
-    if not env & set(_HTTP_ENV) and not os.path.exists(os.path.expanduser("~/.netrc")):
+    if not env & set(_PROXY_ENV) and not os.path.exists(os.path.expanduser("~/.netrc")):
         session.trust_env = False
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if bundle:
+            session.verify = bundle
     return session
 
 
