@@ -2,7 +2,7 @@
 an asyncio gateway with tools on its loop, the same with tools in threads, and hermes-green.
 
     python bench/cascade.py [--seconds 60] [--turns 8] [--variants asyncio-inline,...]
-                            [--settle 30] [--primes 3000000] [--logs DIR]
+                            [--settle 30] [--primes 3000000] [--logs DIR] [--trace]
 
 One FakeFleet (WeCom, Feishu, QQ Bot fakes and the fake LLM, in this process) serves every
 variant, one after another; keepalive every 1 s, a client silent for 1.5 s is dropped. Each
@@ -71,7 +71,7 @@ _BLOCKED = re.compile(r"hub blocked greenlet=(.*?) over_ms=(\d+)")
 
 
 # -- variants -------------------------------------------------------------------------------------
-def command(variant: str, fleet: FakeFleet, workdir: str) -> list[str]:
+def command(variant: str, fleet: FakeFleet, workdir: str, trace: bool = False) -> list[str]:
     if variant == "hermes-green":
         path = os.path.join(workdir, "config.yaml")
         config = {"gateway": {"data_dir": os.path.join(workdir, "data"),
@@ -83,7 +83,9 @@ def command(variant: str, fleet: FakeFleet, workdir: str) -> list[str]:
                                 for name, section in fleet.platforms_config().items()}}
         with open(path, "w") as f:
             json.dump(config, f)  # JSON is YAML
-        return [sys.executable, os.path.join(ROOT, "bin", "hermes-green"), "--config", path]
+        entry = (os.path.join(ROOT, "bench", "_traced_gateway.py") if trace
+                 else os.path.join(ROOT, "bin", "hermes-green"))
+        return [sys.executable, entry, "--config", path]
     path = os.path.join(workdir, "baseline.json")
     with open(path, "w") as f:
         json.dump({"agent": fleet.agent_config(), "platforms": fleet.platforms_config()}, f)
@@ -231,10 +233,13 @@ def run_variant(fleet: FakeFleet, variant: str, args, logs_dir: str) -> dict:
     before = {p: set(fleet.fakes[p].conns) for p in fleet.platforms}
     mine = lambda p: set(fleet.fakes[p].conns) - before[p]  # noqa: E731
     log_path = os.path.join(logs_dir, f"{variant}.log")
-    cmd = command(variant, fleet, workdir)
+    trace = args.trace and variant == "hermes-green"
+    cmd = command(variant, fleet, workdir, trace)
+    trace_path = os.path.join(workdir, "hubtrace.json")
     started = time.monotonic()
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HERMES_GREEN_HUBTRACE": trace_path})
     result: dict = {"command": " ".join(c.replace(workdir, "<tmp>").replace(ROOT + os.sep, "")
                                         for c in ["python"] + cmd[1:])}
     try:
@@ -266,6 +271,9 @@ def run_variant(fleet: FakeFleet, variant: str, args, logs_dir: str) -> dict:
             proc.kill()
             result["exit_code"] = proc.wait()
             result["killed_after_s"] = STOP_TIMEOUT_S
+    if trace and os.path.exists(trace_path):
+        with open(trace_path) as f:
+            result["hub_trace"] = json.load(f)
     result["feishu_events_left_unacked"] = cancel_pending_feishu_events(fleet)
     result["log"] = log_counts(variant, log_path)
     sys.stderr.write(f"cascade: {variant} done exit={result['exit_code']}\n")
@@ -308,6 +316,9 @@ def main() -> None:
     ap.add_argument("--primes", type=int, default=3_000_000,
                     help="the CPU tool's limit (3e6: ~0.35 s; 1e7: ~1.2 s on this machine)")
     ap.add_argument("--logs", default=None, help="keep each variant's log in this folder")
+    ap.add_argument("--trace", action="store_true",
+                    help="run hermes-green under bench/hubtrace.py: hub time and keepalive "
+                         "lateness by cause (adds ~2 us per greenlet switch)")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)

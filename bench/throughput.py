@@ -30,6 +30,19 @@ from hermes_green.testing.fleet import FakeFleet, Keepalive, all_platforms
 CHATS = 200
 
 
+def wait_replies(fleet: FakeFleet, platform: str, expected: int, *, timeout: float,
+                 what=lambda: "") -> None:
+    """Poll (every 20 ms) until the fake holds `expected` replies. Not fleet.wait_for: it
+    re-reads every reply on every reply the fake records, which is O(n^2) in this process,
+    on the fake's core. The times measured are the fake's own receipt times, not the poll's."""
+    deadline = time.monotonic() + timeout
+    while fleet.reply_count(platform) < expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{fleet.reply_count(platform)} of {expected} replies after "
+                                 f"{timeout} s: {what()}")
+        gevent.sleep(0.02)
+
+
 def run(platform: str, messages: int, rate: float) -> dict:
     fleet = FakeFleet((platform,), keepalive=Keepalive(5.0, 30.0)).start()
     # queue_cap: a burst puts ~15 messages in each chat's queue at once; none may be skipped
@@ -61,7 +74,7 @@ def run(platform: str, messages: int, rate: float) -> dict:
             sent_at[mid] = time.monotonic()
             if i % 50 == 49:
                 gevent.sleep(0)  # let the fake's sockets drain
-        fleet.wait_for(lambda: fleet.reply_count(platform) >= expected, timeout=600)
+        wait_replies(fleet, platform, expected, timeout=600)
         index = fleet.answer_index(platform)
         last = max(index[m][1] for m in sent_at if m in index)
         burst = {"messages": messages, "seconds": round(last - t0, 3),
@@ -83,9 +96,8 @@ def run(platform: str, messages: int, rate: float) -> dict:
             gevent.sleep(max(0.0, due - time.monotonic()))
             mid = fleet.send(platform, f"paced {i}", chat=i % CHATS)
             paced[mid] = time.monotonic()
-        fleet.wait_for(lambda: fleet.reply_count(platform) >= expected, timeout=120,
-                       what=lambda: (fleet.reply_count(platform), expected,
-                                     "".join(line for _, line in gw.lines[-20:])))
+        wait_replies(fleet, platform, expected, timeout=120,
+                     what=lambda: "".join(line for _, line in gw.lines[-20:]))
         gc.enable()
         index = fleet.answer_index(platform)
         overhead = [index[m][1] - t for m, t in paced.items()]

@@ -153,6 +153,9 @@ class FakeQQBotServer(FakePlatformServer):
         self.bot_id = str(144115218677000000 + sum(map(ord, app_id)))
         # records
         self.replies: list[Reply] = []
+        # passive replies by msg_id (duplicate and limit checks: a list scan per reply made
+        # the fake's own ceiling fall as a benchmark's replies piled up)
+        self._replies_by_msg: dict[str, list[Reply]] = {}
         self.rejected: list[Rejected] = []
         self.user_messages: dict[str, UserMessage] = {}
         self.keepalive_times: dict[int, list[float]] = {}
@@ -428,7 +431,7 @@ class FakeQQBotServer(FakePlatformServer):
         if time.monotonic() - original.at > self.reply_window_s[kind]:
             return self._reject(msg_id, msg_seq, 400, CODE_WINDOW_EXPIRED,
                                 "passive reply window expired")
-        earlier = [r for r in self.replies + self._file_replies if r.msg_id == msg_id]
+        earlier = self._replies_by_msg.get(msg_id, [])
         if any(r.msg_seq == msg_seq for r in earlier):
             return self._reject(msg_id, msg_seq, 400, CODE_DUPLICATE,
                                 "消息被去重，请检查请求msgseq")
@@ -443,6 +446,7 @@ class FakeQQBotServer(FakePlatformServer):
             self._file_replies.append(reply)
         else:
             self.replies.append(reply)
+        self._replies_by_msg.setdefault(reply.msg_id, []).append(reply)
         self.changed()
         return 200, {"id": reply.reply_id, "timestamp": _iso()}
 
@@ -465,6 +469,7 @@ class FakeQQBotServer(FakePlatformServer):
         reply = Reply(latest.msg_id, 0, content, kind, openid, time.monotonic(),
                       uuid.uuid4().hex, proactive=True)
         self.replies.append(reply)
+        self._replies_by_msg.setdefault(reply.msg_id, []).append(reply)
         self.changed()
         return 200, {"id": reply.reply_id, "timestamp": _iso()}
 
