@@ -161,6 +161,33 @@ class Users:
         return all(self.fleet.answers(p, mid) for p, rows in self.sent.items() for mid, _ in rows)
 
 
+class Ticker:
+    """The fakes' own process, measured: a 10 ms ticker in it. A keepalive is timed at the fake
+    when the fake reads it, so whatever keeps this process from running (the fakes, the LLM
+    fake, the load itself, other processes on its core) is added to every variant's lateness."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.late: list[float] = []
+        self._g: gevent.Greenlet | None = None
+
+    def start(self) -> "Ticker":
+        self._g = gevent.spawn(self._run)
+        return self
+
+    def _run(self) -> None:
+        due = time.monotonic() + self.interval_s
+        while True:
+            gevent.sleep(max(0.0, due - time.monotonic()))
+            self.late.append(max(0.0, time.monotonic() - due))
+            due = max(due + self.interval_s, time.monotonic())
+
+    def stop(self) -> dict:
+        if self._g is not None:
+            self._g.kill()
+        return ms_summary(self.late)
+
+
 # -- measurements ---------------------------------------------------------------------------------
 def lateness(fleet: FakeFleet, platform: str, mine: set[int], t_stop: float) -> list[float]:
     fake = fleet.fakes[platform]
@@ -251,6 +278,7 @@ def run_variant(fleet: FakeFleet, variant: str, args, logs_dir: str) -> dict:
         result["connect_s"] = round(time.monotonic() - started, 3)
         sys.stderr.write(f"cascade: {variant} connected in {result['connect_s']} s\n")
         users = Users(fleet, args.turns, texts(args.primes))
+        ticker = Ticker().start()
         load_started = time.monotonic()
         users.run(args.seconds)
         sending_s = time.monotonic() - load_started
@@ -259,6 +287,7 @@ def run_variant(fleet: FakeFleet, variant: str, args, logs_dir: str) -> dict:
             users.reap()
             gevent.sleep(0.1)
         t_stop = time.monotonic()
+        result["fake_process_lateness"] = ticker.stop()
         result["sending_s"] = round(sending_s, 1)
         result["settle_s"] = round(t_stop - load_started - sending_s, 1)
         result["platforms"] = {p: platform_numbers(fleet, users, p, mine(p), t_stop)

@@ -11,7 +11,9 @@ Every moment of the hub's thread is charged to one account, switched at each gre
     http              requests' Session.request (REST replies, token fetches)
     ssl               SSLSocket reads/writes (TLS; 0 on the loopback fakes, which speak plain)
     run:<greenlet>    anything else a greenlet ran (by the greenlet's name, digits dropped)
-    hub               the hub greenlet itself (libev callbacks, timers; its idle waits too)
+    poll              the hub inside the event loop's poll (between libev's prepare and check
+                      watchers): asleep, or taking the GIL back after the poll returned
+    hub               the hub greenlet's own work (libev callbacks, timers)
 Each account has wall time, the thread's CPU time (time.thread_time) and its time on the OS run
 queue (run_delay in /proc/thread-self/schedstat). Wall minus CPU is time the hub's thread was
 not running: on the run queue (the OS ran another process: a pool worker, the fakes, other
@@ -44,6 +46,7 @@ _thread_ident = monkey.get_original("_thread", "get_ident")
 _DIGITS = re.compile(r"\d+")
 OS_WAIT = "waiting for a core (OS run queue)"
 GIL_WAIT = "waiting for the GIL (a thread held it)"
+POLL_WAIT = "asleep in the poll past due (ms timeouts, GIL re-take)"
 
 
 def _account_name(glet) -> str:
@@ -126,7 +129,8 @@ class HubTrace:
         self.switches += 1
         self._charge(origin)
         self._current = target
-        self._woke[target] = self._last_wall
+        if target not in self._woke:  # its first wake since its last keepalive record
+            self._woke[target] = self._last_wall
 
     def enter(self, account: str) -> None:
         if _thread_ident() != self.hub_thread:
@@ -172,9 +176,10 @@ class HubTrace:
     def keepalive(self, lateness_s: float) -> None:
         self.beats.append(lateness_s)
         if lateness_s < self._threshold:
+            self._woke.pop(greenlet.getcurrent(), None)
             return
         glet = greenlet.getcurrent()
-        woke = self._woke.get(glet, self._last_wall)
+        woke = self._woke.pop(glet, self._last_wall)
         start = woke - lateness_s
         breakdown: collections.Counter = collections.Counter()
         for end, wall, cpu, queued, account in self._recent:
@@ -188,7 +193,8 @@ class HubTrace:
             breakdown[account] += cpu * share
             off_cpu = max(0.0, wall - cpu)
             breakdown[OS_WAIT] += min(queued, off_cpu) * share
-            breakdown[GIL_WAIT] += max(0.0, off_cpu - queued) * share
+            breakdown[POLL_WAIT if account == "poll" else GIL_WAIT] += \
+                max(0.0, off_cpu - queued) * share
         for account, seconds in breakdown.items():
             self.late_by_cause[account] += seconds
         self.worst.append((lateness_s, dict(breakdown)))
@@ -254,4 +260,11 @@ def install(late_threshold_s: float = 0.0005) -> HubTrace:
         trace.keepalive(lateness_s)
         original(adapter, lateness_s)
     PlatformAdapter.record_keepalive = record_keepalive
+
+    import gevent
+    loop = gevent.get_hub().loop
+    before, after = loop.prepare(), loop.check()
+    before.start(trace.enter, "poll")
+    after.start(trace.leave)
+    trace.watchers = (before, after)  # kept alive with the trace
     return trace

@@ -14,6 +14,7 @@ from hermes_green.agent.tools import tool
 def whoami() -> dict:
     """Describe the process this runs in."""
     return {"pid": os.getpid(), "nice": os.nice(0),
+            "policy": os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None,
             "runtime_imported": "hermes_green.runtime" in sys.modules,
             "gevent_imported": "gevent" in sys.modules}
 
