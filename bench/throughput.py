@@ -68,17 +68,28 @@ def run(platform: str, messages: int, rate: float) -> dict:
 
         sent_at: dict[str, float] = {}
         expected = fleet.reply_count(platform) + messages
+        gw_proc = psutil.Process(gw.proc.pid)
+        cpu0 = sum(gw_proc.cpu_times()[:2])
         t0 = time.monotonic()
         for i in range(messages):
             mid = fleet.send(platform, f"burst {i}", chat=i % CHATS)
             sent_at[mid] = time.monotonic()
             if i % 50 == 49:
                 gevent.sleep(0)  # let the fake's sockets drain
+        sending_s = time.monotonic() - t0
         wait_replies(fleet, platform, expected, timeout=600)
+        gw_cpu_s = sum(gw_proc.cpu_times()[:2]) - cpu0
         index = fleet.answer_index(platform)
         last = max(index[m][1] for m in sent_at if m in index)
         burst = {"messages": messages, "seconds": round(last - t0, 3),
                  "messages_per_s": round(messages / (last - t0), 1),
+                 # how long the fake took to hand out the burst (an upper bound on what it
+                 # can measure: messages / sending_s)
+                 "sending_s": round(sending_s, 3),
+                 # the gateway's CPU over the burst: its share of the one core it has, and
+                 # what one message cost it
+                 "gateway_cpu_busy": round(gw_cpu_s / (last - t0), 2),
+                 "gateway_cpu_us_per_message": round(gw_cpu_s / messages * 1e6),
                  "lost": sum(1 for m in sent_at if m not in index),
                  "duplicated": sum(1 for m in sent_at if m in index and len(index[m][0]) != 1)}
 

@@ -444,15 +444,16 @@ class Gateway:
                 except Exception as e:  # progress is best effort; the final reply is durable
                     log.debug("progress failed platform=%s error=%s", platform, type(e).__name__)
 
-        turn = Turn(chat_key=(bot, chat_id), text=text,
-                    history=self.store.history(bot, chat_id, max_history),
+        agent = self.agent  # a reload may replace it; this turn finishes on this one
+        history = (self.store.history(bot, chat_id, max_history)
+                   if getattr(agent, "uses_history", True) else [])
+        turn = Turn(chat_key=(bot, chat_id), text=text, history=history,
                     on_progress=on_progress,
                     take_follow_ups=lambda: self._take_follow_ups(batch),
                     images=self.media.images(batch), send_file=outbound)
         started = time.monotonic()
         metrics.turns_in_flight.inc()
         state = "answered"
-        agent = self.agent  # a reload may replace it; this turn finishes on this one
         self._agent_turns[agent] += 1
         try:
             answer = agent.run_turn(turn)

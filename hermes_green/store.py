@@ -307,11 +307,14 @@ class Store(StoreBase):
 
     def mark_processing(self, bot: str, message_ids: Iterable[str]) -> None:
         now = self._clock()
+        rows = [(now, bot, mid) for mid in message_ids]
+        sql = ("UPDATE inbound SET state='processing', attempts=attempts+1, updated_at=?"
+               " WHERE bot=? AND message_id=? AND state IN ('received', 'processing')")
+        if len(rows) == 1:  # one statement is atomic by itself: no BEGIN/COMMIT round
+            self.db.execute(sql, rows[0])
+            return
         with self._tx():
-            self.db.executemany(
-                "UPDATE inbound SET state='processing', attempts=attempts+1, updated_at=?"
-                " WHERE bot=? AND message_id=? AND state IN ('received', 'processing')",
-                [(now, bot, mid) for mid in message_ids])
+            self.db.executemany(sql, rows)
 
     def inbound_state(self, bot: str, message_id: str) -> str | None:
         row = self.db.execute("SELECT state FROM inbound WHERE bot=? AND message_id=?",
@@ -356,10 +359,10 @@ class Store(StoreBase):
             self.db.executemany(
                 "UPDATE inbound SET state=?, updated_at=? WHERE bot=? AND message_id=?",
                 [(state, now, bot, mid) for mid in message_ids])
-            if user_text is not None:
-                self._history_add(bot, chat_id, "user", user_text, now)
-            if answer_text is not None:
-                self._history_add(bot, chat_id, "assistant", answer_text, now)
+            turn = [(bot, chat_id, role, content, now) for role, content in
+                    (("user", user_text), ("assistant", answer_text)) if content is not None]
+            if turn:
+                self._history_add(turn)
         return ids
 
     def _any_closed(self, bot: str, message_ids: list[str]) -> bool:
@@ -460,11 +463,13 @@ class Store(StoreBase):
         return self.db.execute("DELETE FROM history WHERE bot=? AND chat_id=?",
                                (bot, chat_id)).rowcount
 
-    def _history_add(self, bot: str, chat_id: str, role: str, content: str,
-                     now: float) -> None:
-        self.db.execute("INSERT INTO history (bot, chat_id, role, content, at)"
-                        " VALUES (?,?,?,?,?)", (bot, chat_id, role, content, now))
-        # Bound each chat to its newest `history_limit` rows (a NULL bound deletes nothing).
+    def _history_add(self, rows: list[tuple[str, str, str, str, float]]) -> None:
+        """Append (bot, chat_id, role, content, at) rows of one chat, then bound the chat to its
+        newest `history_limit` rows (one bounding DELETE per turn, not per row)."""
+        self.db.executemany("INSERT INTO history (bot, chat_id, role, content, at)"
+                            " VALUES (?,?,?,?,?)", rows)
+        bot, chat_id = rows[0][0], rows[0][1]
+        # A NULL bound (fewer rows than the limit) deletes nothing.
         self.db.execute(
             "DELETE FROM history WHERE bot=?1 AND chat_id=?2 AND id < (SELECT id FROM"
             " history WHERE bot=?1 AND chat_id=?2 ORDER BY id DESC LIMIT 1 OFFSET ?3)",

@@ -50,6 +50,10 @@ class TurnFailed(Exception):
 
 
 class Agent(Protocol):
+    # False: the agent never reads `turn.history` (it keeps its own, or needs none), and the
+    # gateway does not read it from the store for each turn. Absent means True.
+    uses_history: bool
+
     def run_turn(self, turn: Turn) -> str:
         """Return the final answer, or raise TurnFailed with the text the user should get."""
 
@@ -59,6 +63,8 @@ class Agent(Protocol):
 
 class EchoAgent:
     """Answers with the message itself: wiring tests and configs without an `agent` section."""
+
+    uses_history = False
 
     def run_turn(self, turn: Turn) -> str:
         answer = f"echo: {turn.text}"

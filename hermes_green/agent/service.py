@@ -71,6 +71,8 @@ def service_reason(error: LLMError) -> str:
 class ServiceAgent:
     """The Agent contract over a remote agent service (see the module docstring)."""
 
+    uses_history = False  # the service holds the transcript
+
     def __init__(self, config, *, llm: LLMClient | None = None) -> None:
         """`config` is an AgentConfig with `backend: service`."""
         self.config = config
