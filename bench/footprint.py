@@ -5,7 +5,8 @@
 Measured (RSS of the gateway process; process-pool workers are counted separately):
 - start-up: exec -> `gateway started` (no platforms) or -> every platform `connected`;
   idle RSS 3 s after that; for: no platforms, WeCom + QQ Bot (no Feishu), all three;
-- RSS after 100 and 1,000 chats each had a conversation and went idle;
+- RSS after 100 and 1,000 chats each had a conversation and went idle: all at once (a burst:
+  the figure holds the burst's high-water mark), and 50 at a time (what an idle chat keeps);
 - RSS with 50 turns in flight (the fake LLM streams slowly, so all 50 are mid-answer).
 The fakes run in this process; the gateway is a child process. Prints JSON.
 """
@@ -97,6 +98,36 @@ def startup(platforms: tuple) -> dict:
             fleet.stop()
 
 
+def idle_chats_paced(n_chats: list[int], at_once: int = 50) -> dict:
+    """RSS per idle chat without a burst's high-water mark: chats come `at_once` at a time (each
+    group answered before the next writes). Python's allocator keeps the arenas a burst of a
+    thousand simultaneous turns touched (malloc_trim returns 0.3 MB of it), so the all-at-once
+    figure below measures the burst, and this one what an idle chat keeps."""
+    fleet = FakeFleet(("qqbot",), keepalive=Keepalive(5.0, 30.0), llm_chunk_delay_s=0.0).start()
+    gw = Gateway(base_config(fleet, ("qqbot",)))
+    out: dict = {"at_once": at_once}
+    try:
+        gw.wait_for(["connected platform=qqbot"])
+        sent = 0
+        for n in n_chats:
+            while sent < n:
+                for _ in range(min(at_once, n - sent)):
+                    fleet.send("qqbot", f"hello from chat {sent}", chat=sent)
+                    sent += 1
+                fleet.wait_for(fleet.all_answered, timeout=300)
+            gevent.sleep(2.0)
+            out[f"rss_mb_after_{n}_idle_chats"] = gw.rss_mb()
+        first, last = n_chats[0], n_chats[-1]
+        if last > first:
+            out[f"kb_per_idle_chat_{first}_to_{last}"] = round(
+                (out[f"rss_mb_after_{last}_idle_chats"]
+                 - out[f"rss_mb_after_{first}_idle_chats"]) * 1024 / (last - first), 1)
+    finally:
+        gw.stop()
+        fleet.stop()
+    return out
+
+
 def chats_and_turns(n_chats: list[int], in_flight: int) -> dict:
     fleet = FakeFleet(("qqbot",), keepalive=Keepalive(5.0, 30.0), llm_chunk_delay_s=0.0).start()
     gw = Gateway(base_config(fleet, ("qqbot",)))
@@ -136,6 +167,7 @@ def main() -> None:
         "wecom_qqbot_no_feishu": startup(("wecom", "qqbot")),
         "all_three_with_feishu": startup(("wecom", "feishu", "qqbot")),
         "sessions": chats_and_turns([100] if args.quick else [100, 1000], 50),
+        "idle_chats_50_at_a_time": idle_chats_paced([100, 300] if args.quick else [100, 1000]),
     }
     emit({"bench": "footprint", "machine": machine(), "results": results})
 
