@@ -3,6 +3,7 @@ an asyncio gateway with tools on its loop, the same with tools in threads, and h
 
     python bench/cascade.py [--seconds 60] [--turns 8] [--variants asyncio-inline,...]
                             [--settle 30] [--primes 3000000] [--logs DIR] [--trace]
+                            [--platforms wecom,feishu,qqbot|all]
 
 One FakeFleet (WeCom, Feishu, QQ Bot fakes and the fake LLM, in this process) serves every
 variant, one after another; keepalive every 1 s, a client silent for 1.5 s is dropped. Each
@@ -46,9 +47,10 @@ from _common import emit, machine, ms_summary
 
 import gevent  # noqa: E402
 
-from hermes_green.testing.fleet import FakeFleet, Keepalive  # noqa: E402
+from hermes_green.testing.fleet import FakeFleet, Keepalive, all_platforms  # noqa: E402
 
-# The asyncio baselines speak these three protocols; hermes-green runs the same three here.
+# The asyncio baselines speak these three protocols; hermes-green runs the same three here, or
+# with --platforms every platform of the fleet (the baselines then still run their three).
 PLATFORMS = ("wecom", "feishu", "qqbot")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +73,10 @@ _BLOCKED = re.compile(r"hub blocked greenlet=(.*?) over_ms=(\d+)")
 
 
 # -- variants -------------------------------------------------------------------------------------
-def command(variant: str, fleet: FakeFleet, workdir: str, trace: bool = False) -> list[str]:
+def command(variant: str, fleet: FakeFleet, workdir: str, trace: bool = False,
+            platforms: tuple = PLATFORMS) -> list[str]:
+    sections = {name: section for name, section in fleet.platforms_config().items()
+                if name in platforms}
     if variant == "hermes-green":
         path = os.path.join(workdir, "config.yaml")
         config = {"gateway": {"data_dir": os.path.join(workdir, "data"),
@@ -80,7 +85,7 @@ def command(variant: str, fleet: FakeFleet, workdir: str, trace: bool = False) -
                   "executors": {"threads": 4, "processes": 2},
                   # the load reuses chats as soon as they are answered: no per-user limit
                   "platforms": {name: {**section, "rate_limit": {"messages": 0}}
-                                for name, section in fleet.platforms_config().items()}}
+                                for name, section in sections.items()}}
         with open(path, "w") as f:
             json.dump(config, f)  # JSON is YAML
         entry = (os.path.join(ROOT, "bench", "_traced_gateway.py") if trace
@@ -88,7 +93,7 @@ def command(variant: str, fleet: FakeFleet, workdir: str, trace: bool = False) -
         return [sys.executable, entry, "--config", path]
     path = os.path.join(workdir, "baseline.json")
     with open(path, "w") as f:
-        json.dump({"agent": fleet.agent_config(), "platforms": fleet.platforms_config()}, f)
+        json.dump({"agent": fleet.agent_config(), "platforms": sections}, f)
     tools = {"asyncio-inline": "inline", "asyncio-threads": "threads"}[variant]
     return [sys.executable, os.path.join(ROOT, "bench", "baselines", "main.py"),
             "--config", path, "--tools", tools]
@@ -98,6 +103,8 @@ def ready(fleet: FakeFleet, platform: str, mine: set[int]) -> bool:
     """The variant is connected on this platform: subscribed (WeCom), identified (QQ), or holding
     a live long connection (Feishu), on a connection it opened."""
     fake = fleet.fakes[platform]
+    if platform not in PLATFORMS:  # only hermes-green speaks the others: any session is its own
+        return bool(fleet.drivers[platform].sessions()) or fleet.connected(platform)
     if platform == "wecom":
         return fake.current_conn_id in mine
     if platform == "qqbot":
@@ -114,14 +121,16 @@ def texts(primes: int) -> list[str]:
 class Users:
     """Keeps about `turns` turns in flight across the platforms, one chat per turn."""
 
-    def __init__(self, fleet: FakeFleet, turns: int, texts: list[str]) -> None:
+    def __init__(self, fleet: FakeFleet, turns: int, texts: list[str],
+                 platforms: tuple | None = None) -> None:
         self.fleet = fleet
         self.turns = turns
-        self.sent: dict[str, list[tuple[str, float]]] = {p: [] for p in fleet.platforms}
+        platforms = tuple(platforms or fleet.platforms)
+        self.sent: dict[str, list[tuple[str, float]]] = {p: [] for p in platforms}
         self.inflight: dict[tuple[str, str], float] = {}  # (platform, mid) -> sent at
         self.waiting: set[tuple[str, str]] = set()  # given up, unanswered: chat still busy
         self._chats: dict[tuple[str, str], int] = {}
-        self._platforms = itertools.cycle(fleet.platforms)
+        self._platforms = itertools.cycle(platforms)
         self._texts = itertools.cycle(texts)
 
     def run(self, seconds: float) -> None:
@@ -190,6 +199,8 @@ class Ticker:
 
 # -- measurements ---------------------------------------------------------------------------------
 def lateness(fleet: FakeFleet, platform: str, mine: set[int], t_stop: float) -> list[float]:
+    if platform not in PLATFORMS:  # only hermes-green speaks these: every beat is its own
+        return fleet.lateness(platform)
     fake = fleet.fakes[platform]
     out: list[float] = []
     for conn_id in sorted(mine):
@@ -208,7 +219,8 @@ def platform_numbers(fleet: FakeFleet, users: Users, platform: str, mine: set[in
     answers = {mid: fleet.answers(platform, mid) for mid, _ in rows}
     latency = [fleet.first_answer_at(platform, mid) - at for mid, at in rows if answers[mid]]
     late = lateness(fleet, platform, mine, t_stop)
-    drops = [d for d in fleet.disconnects(platform) if d.conn_id in mine and d.at < t_stop]
+    ours = (lambda conn_id: conn_id in mine) if platform in PLATFORMS else (lambda conn_id: True)
+    drops = [d for d in fleet.disconnects(platform) if ours(d.conn_id) and d.at < t_stop]
     fake = fleet.fakes[platform]
     numbers = {
         "sent": len(rows),
@@ -217,7 +229,8 @@ def platform_numbers(fleet: FakeFleet, users: Users, platform: str, mine: set[in
         "duplicated": sum(1 for a in answers.values() if len(a) != len(set(a))),
         "disconnects": len(drops),
         "disconnect_reasons": dict(Counter(d.reason for d in drops)),
-        "connections": sum(1 for c in mine if fake.conns[c].opened_at < t_stop),
+        "connections": sum(1 for c in (mine if platform in PLATFORMS else fake.conns)
+                           if fake.conns[c].opened_at < t_stop),
         "keepalive_lateness": ms_summary(late),
         "reply_latency": {k: v for k, v in ms_summary(latency).items() if k != "max_ms"},
     }
@@ -257,11 +270,12 @@ def cancel_pending_feishu_events(fleet: FakeFleet) -> int:
 # -- one variant ----------------------------------------------------------------------------------
 def run_variant(fleet: FakeFleet, variant: str, args, logs_dir: str) -> dict:
     workdir = tempfile.mkdtemp(prefix=f"cascade-{variant}-")
-    before = {p: set(fleet.fakes[p].conns) for p in fleet.platforms}
+    platforms = tuple(p for p in fleet.platforms if variant == "hermes-green" or p in PLATFORMS)
+    before = {p: set(fleet.fakes[p].conns) for p in platforms}
     mine = lambda p: set(fleet.fakes[p].conns) - before[p]  # noqa: E731
     log_path = os.path.join(logs_dir, f"{variant}.log")
     trace = args.trace and variant == "hermes-green"
-    cmd = command(variant, fleet, workdir, trace)
+    cmd = command(variant, fleet, workdir, trace, platforms)
     trace_path = os.path.join(workdir, "hubtrace.json")
     started = time.monotonic()
     with open(log_path, "w") as log_file:
@@ -270,14 +284,14 @@ def run_variant(fleet: FakeFleet, variant: str, args, logs_dir: str) -> dict:
     result: dict = {"command": " ".join(c.replace(workdir, "<tmp>").replace(ROOT + os.sep, "")
                                         for c in ["python"] + cmd[1:])}
     try:
-        while not all(ready(fleet, p, mine(p)) for p in fleet.platforms):
+        while not all(ready(fleet, p, mine(p)) for p in platforms):
             if proc.poll() is not None or time.monotonic() - started > CONNECT_TIMEOUT_S:
                 raise RuntimeError(f"{variant} did not connect (exit={proc.poll()}); "
                                    f"see {log_path}")
             gevent.sleep(0.01)
         result["connect_s"] = round(time.monotonic() - started, 3)
         sys.stderr.write(f"cascade: {variant} connected in {result['connect_s']} s\n")
-        users = Users(fleet, args.turns, texts(args.primes))
+        users = Users(fleet, args.turns, texts(args.primes), platforms)
         ticker = Ticker().start()
         load_started = time.monotonic()
         users.run(args.seconds)
@@ -291,7 +305,7 @@ def run_variant(fleet: FakeFleet, variant: str, args, logs_dir: str) -> dict:
         result["sending_s"] = round(sending_s, 1)
         result["settle_s"] = round(t_stop - load_started - sending_s, 1)
         result["platforms"] = {p: platform_numbers(fleet, users, p, mine(p), t_stop)
-                               for p in fleet.platforms}
+                               for p in platforms}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -345,6 +359,9 @@ def main() -> None:
     ap.add_argument("--primes", type=int, default=3_000_000,
                     help="the CPU tool's limit (3e6: ~0.35 s; 1e7: ~1.2 s on this machine)")
     ap.add_argument("--logs", default=None, help="keep each variant's log in this folder")
+    ap.add_argument("--platforms", default=",".join(PLATFORMS),
+                    help="comma-separated, or 'all': every fleet platform for hermes-green (the "
+                         "baselines run the three they speak); the turns are spread over them")
     ap.add_argument("--trace", action="store_true",
                     help="run hermes-green under bench/hubtrace.py: hub time and keepalive "
                          "lateness by cause (adds ~2 us per greenlet switch)")
@@ -356,7 +373,9 @@ def main() -> None:
     logs_dir = args.logs or tempfile.mkdtemp(prefix="cascade-logs-")
     os.makedirs(logs_dir, exist_ok=True)
 
-    fleet = FakeFleet(PLATFORMS, keepalive=KEEPALIVE, llm_chunk_delay_s=LLM_CHUNK_DELAY_S).start()
+    platforms = all_platforms() if args.platforms == "all" else tuple(
+        p.strip() for p in args.platforms.split(",") if p.strip())
+    fleet = FakeFleet(platforms, keepalive=KEEPALIVE, llm_chunk_delay_s=LLM_CHUNK_DELAY_S).start()
     results: dict[str, dict] = {}
     try:
         for variant in variants:
