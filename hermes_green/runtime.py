@@ -18,7 +18,17 @@ from __future__ import annotations
 from gevent import monkey
 
 if not monkey.is_module_patched("socket"):
-    monkey.patch_all()
+    # gevent looks up plugin entry points at each patch event, reading every installed
+    # distribution's metadata: 55 ms of start-up and 3.3 MB of RSS (importlib.metadata) for its
+    # one plugin, a warning about patching signal without os, which patch_all never does.
+    # zope.event subscribers are still told of every event.
+    import gevent.events as _events
+    _scan = _events.notify_and_call_entry_points
+    _events.notify_and_call_entry_points = _events.notify
+    try:
+        monkey.patch_all()
+    finally:
+        _events.notify_and_call_entry_points = _scan
 
 import collections  # noqa: E402
 import gc  # noqa: E402  (everything below runs on a patched standard library)
