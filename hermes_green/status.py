@@ -71,7 +71,6 @@ from gevent import pywsgi
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Header, Stream, WebSocket
-from prometheus_client.exposition import choose_encoder
 
 from . import metrics
 from .logs import REDACTOR
@@ -896,6 +895,7 @@ class StatusServer:
         pending = _safe(self.gateway.store.outbox_pending)
         if pending is not None:
             metrics.outbox_pending.set(pending)  # exact at scrape time, whatever wrote last
+        from prometheus_client.exposition import choose_encoder  # on the first scrape
         encode, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
         body = encode(metrics.REGISTRY)
         start_response("200 OK", [("Content-Type", content_type),

@@ -98,7 +98,6 @@ def test_patching_reads_no_package_metadata():
     """gevent's patch_all looks for plugin entry points by reading every installed package's
     metadata (55 ms of start-up, 3.3 MB); the runtime patches without that scan, and gevent's
     own patching still happens (a fresh interpreter, as the gateway starts)."""
-    import subprocess
     import sys
     code = ("import sys, hermes_green.runtime\n"
             "from gevent import monkey\n"

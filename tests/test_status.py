@@ -449,3 +449,23 @@ def test_cooperative_under_load(make_env):
         assert json.loads(ws.recv())["platforms"]["testchat"]["state"] == "ready"
         ws.close()
     assert env.gateway.adapters["testchat"].ready.is_set()
+
+
+def test_metrics_import_prometheus_client_only_when_someone_looks():
+    """Recording costs no prometheus-client import (3.5 MB in every gateway): it is imported
+    by the first scrape (a fresh interpreter, as a gateway starts)."""
+    import subprocess
+    import sys
+    code = ("import sys, hermes_green.runtime, hermes_green.gateway, hermes_green.status\n"
+            "from hermes_green import metrics\n"
+            "metrics.messages_total.labels('qqbot', 'qqbot', 'in').inc(2)\n"
+            "metrics.hub_lateness.observe(0.003)\n"
+            "before = 'prometheus_client' in sys.modules\n"
+            "value = metrics.REGISTRY.get_sample_value('hermes_green_messages_total',\n"
+            "    {'platform': 'qqbot', 'bot': 'qqbot', 'direction': 'in'})\n"
+            "count = metrics.REGISTRY.get_sample_value('hermes_green_hub_lateness_seconds_bucket',"
+            " {'le': '0.005'})\n"
+            "print(before, value, count, 'prometheus_client' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == ["False", "2.0", "1.0", "True"]
