@@ -788,7 +788,7 @@ def convert(home: HermesHome, available: set[str] | None = None) -> Imported:
     (default: the registry's)."""
     if available is None:
         from .platforms import registry
-        available = set(registry.platforms())
+        available = set(registry.names())
     return _Convert(home, available).run()
 
 

@@ -7,8 +7,9 @@ and everything that needs to know the platforms (config's `platforms:` section, 
 `check`, the demo fleet, the status page) asks this module. Adding a platform touches its module,
 its fake and its tests, nothing else.
 
-Discovery is cheap: the names are the modules of this package (read by pkgutil, nothing
-imported), and a platform module is imported only when something asks for its spec: the config
+Discovery is cheap: the names are the modules of this package that declare a PLATFORM (found
+by pkgutil and read as text, nothing imported), and a platform module is imported only when
+something asks for its spec: the config
 for a platform its file names, the gateway for a bot it runs, the fleet and `check` for theirs.
 A WeCom + QQ gateway never imports the other platforms' modules (their imports: websocket and
 requests pieces, lark's protobuf frame module, pydantic models: several MB and tens of ms).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -27,8 +29,9 @@ from .botconfig import BotConfig
 if TYPE_CHECKING:
     from .base import PlatformAdapter
 
-# Modules of this package that are the kit, not platforms.
+# Modules of this package that are the kit, not platforms (the rest are read for a declaration).
 _NOT_PLATFORMS = frozenset({"base", "kit", "botconfig", "registry", "transports", "console"})
+_DECLARES = re.compile(r"^PLATFORM\s*(?::[^=]+)?=\s*PlatformSpec\(", re.M)
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,23 @@ class PlatformSpec:
 
 @lru_cache(maxsize=1)
 def names() -> tuple[str, ...]:
-    """Every platform's name, sorted, without importing any platform module."""
+    """Every platform's name, sorted, without importing any platform module: the modules of this
+    package whose source declares `PLATFORM = PlatformSpec(` at top level (read as text)."""
     from . import __path__ as pkg_path
-    return tuple(sorted(info.name for info in pkgutil.iter_modules(pkg_path)
-                        if info.name not in _NOT_PLATFORMS and not info.name.startswith("_")))
+    found = []
+    for info in pkgutil.iter_modules(pkg_path):
+        if info.ispkg or info.name in _NOT_PLATFORMS or info.name.startswith("_"):
+            continue
+        spec = info.module_finder.find_spec(f"{__package__}.{info.name}")
+        origin = getattr(spec, "origin", None)
+        try:
+            with open(origin, encoding="utf-8") as f:
+                source = f.read()
+        except (OSError, TypeError):
+            continue
+        if _DECLARES.search(source):
+            found.append(info.name)
+    return tuple(sorted(found))
 
 
 @lru_cache(maxsize=None)
