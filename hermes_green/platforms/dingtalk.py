@@ -372,6 +372,22 @@ class DingTalkAdapter(WebSocketAdapter):
     def reply_chunk_chars(self) -> int:
         return REPLY_CHUNK_CHARS
 
+
+    def _send_with_token(self, call, what: str) -> requests.Response:
+        """`call(token)` through `with_token_renewal`, its failures as the outbox's SendErrors:
+        unreachable and no token are retried later; a fresh token refused, or credentials
+        refused for good, are not."""
+        try:
+            return with_token_renewal(self.token, call)
+        except requests.RequestException as e:
+            raise SendError(f"{what} unreachable: {type(e).__name__}") from None
+        except TokenRefused:
+            raise SendError(f"{what} refused a fresh access token", retryable=False) from None
+        except ConnectionLost as e:
+            raise SendError(f"no access token: {e}", retry_after=e.retry_after) from None
+        except FatalPlatformError as e:
+            raise SendError(str(e), retryable=False) from None
+
     def send(self, out: OutboundMessage) -> None:
         ref = out.reply_ref or {}
         webhook, expires_ms = ref.get("webhook"), ref.get("webhook_expires_ms")
@@ -428,17 +444,7 @@ class DingTalkAdapter(WebSocketAdapter):
                 raise TokenRefused()
             return resp
 
-        try:
-            resp = with_token_renewal(self.token, call)
-        except requests.RequestException as e:
-            raise SendError(f"robot OpenAPI unreachable: {type(e).__name__}") from None
-        except TokenRefused:
-            raise SendError("robot OpenAPI refused a fresh access token", retryable=False) \
-                from None
-        except ConnectionLost as e:
-            raise SendError(f"no access token: {e}", retry_after=e.retry_after) from None
-        except FatalPlatformError as e:
-            raise SendError(str(e), retryable=False) from None
+        resp = self._send_with_token(call, "robot OpenAPI")
         answer = _json_body(resp)
         status = resp.status_code
         detail = f"HTTP {status} code {str(answer.get('code'))[:80]}"
@@ -523,17 +529,7 @@ class DingTalkAdapter(WebSocketAdapter):
                 raise TokenRefused()
             return resp
 
-        try:
-            resp = with_token_renewal(self.token, call)
-        except requests.RequestException as e:
-            raise SendError(f"media upload unreachable: {type(e).__name__}") from None
-        except TokenRefused:
-            raise SendError("media upload refused a fresh access token", retryable=False) \
-                from None
-        except ConnectionLost as e:
-            raise SendError(f"no access token: {e}", retry_after=e.retry_after) from None
-        except FatalPlatformError as e:
-            raise SendError(str(e), retryable=False) from None
+        resp = self._send_with_token(call, "media upload")
         answer = _json_body(resp)
         media_id = answer.get("media_id")
         if resp.status_code == 200 and answer.get("errcode") == 0 and _ids(media_id):
