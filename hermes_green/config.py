@@ -164,6 +164,9 @@ class GatewayConfig(_Strict):
     busy_mode: Literal["queue", "interrupt", "merge", "steer"] = "queue"
     busy: BusyConfig = Field(default_factory=BusyConfig)
     drain_timeout_s: float = Field(30.0, ge=0)
+    # A turn's progress (streamed text, a card, typing, edits) is shown once it has run this
+    # long; an answer ready sooner arrives as one plain reply (hermes_green/progress.py).
+    progress_after_s: float = Field(0.5, ge=0, le=60)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["kv", "json"] = "kv"
     status: StatusConfig = Field(default_factory=StatusConfig)

@@ -49,6 +49,7 @@ from .platforms import registry
 from .platforms.base import Delivery, FatalPlatformError, PlatformAdapter, SendError, State
 from .platforms.botconfig import BotConfig
 from .platforms.kit import Backoff, spawn_owned
+from .progress import ProgressGate
 from .ratelimit import RateLimiter
 from .ratelimit import describe as describe_limit
 from .replies import render_image_links, split_reply
@@ -436,13 +437,16 @@ class Gateway:
         said = [""]  # the answer so far, kept in history if the turn is stopped
         outbound = self.media.outbound(adapter)  # the send_file tool's files for this turn
 
+        def show(text_so_far: str) -> None:
+            if adapter is not None and adapter.ready.is_set():
+                adapter.progress(last.reply_ref, text_so_far)
+
+        gate = ProgressGate(show, self.config.gateway.progress_after_s, what=f"bot={bot}",
+                            spawn=lambda fn: self._spawn(fn, name=f"progress:{bot}"))
+
         def on_progress(text_so_far: str) -> None:
             said[0] = text_so_far
-            if adapter is not None and adapter.ready.is_set():
-                try:
-                    adapter.progress(last.reply_ref, text_so_far)
-                except Exception as e:  # progress is best effort; the final reply is durable
-                    log.debug("progress failed platform=%s error=%s", platform, type(e).__name__)
+            gate(text_so_far)
 
         agent = self.agent  # a reload may replace it; this turn finishes on this one
         history = (self.store.history(bot, chat_id, max_history)
@@ -468,6 +472,7 @@ class Gateway:
                           type(e).__name__)
             answer, state = ERROR_REPLY, "failed"
         finally:
+            gate.close()
             metrics.turns_in_flight.dec()
             metrics.turn_seconds.observe(time.monotonic() - started)
             self._agent_done(agent)

@@ -62,7 +62,7 @@ def gateway(tmp_path, bots):
     def start(service_url: str, *, busy_mode: str = "queue", **agent) -> Gateway:
         config = Config.model_validate({
             "gateway": {"data_dir": str(tmp_path / "data"), "status": {"enabled": False},
-                        "busy_mode": busy_mode},
+                        "busy_mode": busy_mode, "progress_after_s": 0},
             "agent": {"backend": "service", "base_url": service_url, "api_key": KEY,
                       "timeout_s": 10, **agent}})
         factories = {

@@ -30,7 +30,9 @@ def feishu():
 @pytest.fixture
 def gateway(tmp_path, llm, feishu):
     config = Config.model_validate({
-        "gateway": {"data_dir": str(tmp_path / "data"), "status": {"enabled": False}},
+        # progress shown from the first update: these tests are about the card itself
+        "gateway": {"data_dir": str(tmp_path / "data"), "status": {"enabled": False},
+                    "progress_after_s": 0},
         "agent": {"base_url": llm.base_url, "api_key": "sk-card", "model": "m", "tools": []},
         "platforms": {"feishu": {"app_id": feishu.app_id, "app_secret": feishu.app_secret,
                                  "domain": feishu.http_base, "card_update_interval_s": 0.1}}})

@@ -64,7 +64,8 @@ class Chat:
     def start(self) -> "Chat":
         config = Config.model_validate({
             "gateway": {"data_dir": str(self.tmp_path / "data"),
-                        "status": {"port": 0, **self.status}},
+                        "status": {"port": 0, **self.status},
+                        "progress_after_s": 0},  # streamed from the first word
             "platforms": {"webchat": {"progress_interval_s": 0, "offline_retry_max_s": 0.3,
                                       **self.webchat}}})
         self.gateway = Gateway(config, agent=self.agent).start()
