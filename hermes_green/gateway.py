@@ -72,6 +72,8 @@ OUTBOX_SEND_CONCURRENCY = 16  # chats whose replies are sent at the same time, p
 OUTBOX_FLUSH_MAX_S = 10.0
 STORE_RETRY_S = 1.0  # a store error in an outbox loop: wait this long, then read again
 CHECKPOINT_INTERVAL_S = 5.0  # WAL -> database file, in the threadpool (store.checkpoint)
+CHECKPOINT_BUSY_INTERVAL_S = 0.5  # ... after a round that copied more than (4 KiB frames):
+CHECKPOINT_BUSY_FRAMES = 4096
 
 AdapterFactory = Callable[..., PlatformAdapter]
 
@@ -241,20 +243,24 @@ class Gateway:
         """The first round runs at start: a WAL left by a crash is folded in at once, and a
         file that cannot be checkpointed is reported now rather than in five seconds."""
         while True:
-            self._checkpoint_once()
-            gevent.sleep(CHECKPOINT_INTERVAL_S)
+            copied = self._checkpoint_once()
+            # a busy store checkpoints sooner: the WAL's size stays bounded by a short interval
+            gevent.sleep(CHECKPOINT_BUSY_INTERVAL_S if copied > CHECKPOINT_BUSY_FRAMES
+                         else CHECKPOINT_INTERVAL_S)
 
-    def _checkpoint_once(self) -> None:
+    def _checkpoint_once(self) -> int:
+        """Frames checkpointed (0 when none, or on failure)."""
         problem = self.store.verify_file()
         if problem is not None:  # once; /healthz says degraded from now on (store.health())
             log.error("store file lost error=%s (writes from now on are lost at restart; "
                       "restore the file or restart)", problem)
         if self.store.problem is not None:
-            return  # a checkpoint now would write into whatever file is at the path
+            return 0  # a checkpoint now would write into whatever file is at the path
         try:
-            self.store.checkpoint()
+            return self.store.checkpoint()
         except Exception as e:  # a failed checkpoint is retried next time; writes go on
             log.warning("checkpoint failed error=%s", type(e).__name__)
+            return 0
 
     # -- supervision -------------------------------------------------------------------------
     def _supervise(self, name: str, cfg) -> None:

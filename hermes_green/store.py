@@ -19,6 +19,13 @@ without fsync on the hot path, so a write holds the hub for tens of microseconds
 taken off the hub: automatic checkpoints are off, and `checkpoint()` runs one in gevent's
 threadpool on its own connection (SQLite releases the GIL while it does I/O).
 
+SQLite starts the WAL over from its beginning only when a write begins while every frame in it
+has been copied back. Under a steady stream of writes a checkpoint never sees that moment (each
+write lands while it copies), so the WAL grew without end (1.3 GB in 8 s of a write loop) and
+writes beside a long copy waited up to 54 ms with the hub held. So `checkpoint()` copies the bulk
+beside the writes, then the short tail with the store's writers paused: greenlets wait on an
+event (the hub keeps running), and the next write restarts the WAL.
+
 What it cannot write it refuses at open (SQLite would open a read-only file read-only and say
 nothing until the first write); a file deleted or replaced while we run is noticed by
 `verify_file()` (the gateway calls it before each checkpoint) and reported by `health()`.
@@ -116,6 +123,13 @@ PAIRING_CODE_LENGTH = 8
 _OUTBOX_FILE_COLUMNS = (("kind", "TEXT NOT NULL DEFAULT 'text'"), ("file", "TEXT"))
 
 
+# checkpoint(): copies beside the writes before the paused one, while more than this many
+# frames (4 KiB pages) are left; and the longest the writers are paused for the tail.
+CHECKPOINT_PASSES = 3
+CHECKPOINT_TAIL_FRAMES = 256
+CHECKPOINT_PAUSE_MAX_S = 1.0
+
+
 class Store(StoreBase):
     """The default store: one SQLite file in `gateway.data_dir` (see store_base.StoreBase)."""
 
@@ -127,6 +141,8 @@ class Store(StoreBase):
         self._db: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
         self.problem: str | None = None  # set when the file is lost under us (verify_file)
+        self._tx_depth = 0  # transactions open on the hub connection (never paused inside one)
+        self._writes_paused = None  # a gevent Event while the checkpoint copies the WAL's tail
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> "Store":
@@ -266,17 +282,46 @@ class Store(StoreBase):
 
     def checkpoint(self) -> int:
         """Copy the WAL into the database file from a threadpool thread, so the fsync never
-        holds the hub. Returns the number of WAL frames checkpointed."""
+        holds the hub, and let the next write start the WAL over (module docstring): up to
+        CHECKPOINT_PASSES copies beside the writes while the tail left is large, then one with
+        the writers paused (at most CHECKPOINT_PAUSE_MAX_S). Returns the frames checkpointed."""
         import gevent
-        return gevent.get_hub().threadpool.apply(self._checkpoint_blocking)
+        import gevent.event
+        pool = gevent.get_hub().threadpool
+        # A pass reports the WAL's frames when it began and how many it copied: what was
+        # written while it copied shows up as the next pass's growth.
+        frames, done = pool.apply(self._checkpoint_blocking)
+        for _ in range(CHECKPOINT_PASSES - 1):
+            before = frames
+            frames, done = pool.apply(self._checkpoint_blocking)
+            if frames == before or done < frames:
+                return done  # nothing written meanwhile: the next write restarts the WAL;
+                # or a reader held frames back (a pass copies no further than its snapshot)
+            if frames < before or frames - before <= CHECKPOINT_TAIL_FRAMES:
+                break  # restarted meanwhile, or the tail is short: pause for it
+        if self._tx_depth or self._writes_paused is not None:
+            return done  # a transaction is open (a greenlet yielded inside one): next round
+        self._writes_paused = paused = gevent.event.Event()
+        try:
+            tail = pool.spawn(self._checkpoint_blocking)
+            try:
+                frames, done = tail.get(timeout=CHECKPOINT_PAUSE_MAX_S)
+            except gevent.Timeout:
+                log.warning("checkpoint slow: writes resumed after %.1fs while the WAL's tail "
+                            "is still being copied (a slow or busy disk)", CHECKPOINT_PAUSE_MAX_S)
+        finally:
+            self._writes_paused = None
+            paused.set()
+        return done
 
-    def _checkpoint_blocking(self) -> int:
+    def _checkpoint_blocking(self) -> tuple[int, int]:
+        """(frames in the WAL, frames copied into the database file) after one PASSIVE pass."""
         # mode=rw: never create an empty database where ours was deleted
         uri = f"file:{urllib.parse.quote(str(self.path))}?mode=rw"
         db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=1.0)
         try:
             busy, log_frames, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            return done
+            return log_frames, done
         finally:
             db.close()
 
@@ -284,6 +329,8 @@ class Store(StoreBase):
     def db(self) -> sqlite3.Connection:
         if self._db is None:
             raise StoreError("store is not open")
+        if self._writes_paused is not None and not self._tx_depth:
+            self._writes_paused.wait()  # the checkpoint's tail (above): a few milliseconds
         return self._db
 
     # -- inbound journal ---------------------------------------------------------------------
@@ -548,16 +595,19 @@ class Store(StoreBase):
 
     # -- plumbing ----------------------------------------------------------------------------
     class _Tx:
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self.db = db
+        def __init__(self, store: "Store") -> None:
+            self.store = store
+            self.db = store.db  # waits here while the checkpoint's tail is copied
 
         def __enter__(self):
             self.db.execute("BEGIN IMMEDIATE")
+            self.store._tx_depth += 1
 
         def __exit__(self, exc_type, exc, tb):
+            self.store._tx_depth -= 1
             self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
             return False
 
     def _tx(self) -> "Store._Tx":
-        return Store._Tx(self.db)
+        return Store._Tx(self)
 
