@@ -909,11 +909,9 @@ def default_home() -> Path:
     return Path(os.environ.get("HERMES_HOME") or Path.home() / ".hermes").expanduser()
 
 
-def add_parser(sub) -> None:
-    """The `import-hermes` command for cli.py's subparsers."""
-    p = sub.add_parser("import-hermes", help="write a config (and an env file with its "
-                                             "secrets) from hermes-agent's config.yaml and .env",
-                       description=__doc__.split("\n\n")[0])
+def add_parser(sub, help_text: str) -> None:
+    """The `import-hermes` command for cli.py's subparsers (its one-line help is cli.py's)."""
+    p = sub.add_parser("import-hermes", help=help_text, description=__doc__.split("\n\n")[0])
     p.add_argument("home", nargs="?", metavar="HERMES_HOME",
                    help="hermes-agent's home (default: $HERMES_HOME or ~/.hermes)")
     p.add_argument("--out", default="config.yaml", metavar="FILE",

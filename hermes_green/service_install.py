@@ -320,10 +320,9 @@ def uninstall(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    """The `service` command for cli.py's subparsers."""
-    sv = sub.add_parser("service", help="install or remove a systemd unit (Linux) or launchd "
-                                        "job (macOS) that runs the gateway")
+def add_parser(sub, help_text: str) -> None:
+    """The `service` command for cli.py's subparsers (its one-line help is cli.py's)."""
+    sv = sub.add_parser("service", help=help_text)
     actions = sv.add_subparsers(dest="service_action", metavar="ACTION", required=True)
     inst = actions.add_parser("install", help="write the unit with this installation's paths "
                                               "and print the commands that enable it")
