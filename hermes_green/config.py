@@ -10,7 +10,6 @@ missing space glued the value on, is shown by its line and column). The YAML its
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from functools import lru_cache
@@ -385,6 +384,7 @@ def _unknown_key_hint(loc: tuple) -> str:
             fields = list(registry.names())  # every platform, none of them imported
         else:
             fields = list(model.model_fields) if model is not None else []
+        import difflib  # a config with an unknown key only (0.2 MB a running gateway never needs)
         close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
         return f" (did you mean '{close[0]}'?)" if close else ""
     glue = _GLUE.search(key) if isinstance(key, str) else None
