@@ -47,8 +47,8 @@ import gevent
 import gevent.event
 import gevent.lock
 import gevent.pool
-import requests
 
+from . import rest
 from .models import Attachment, InboundMessage
 from .platforms.media import MEDIA_KINDS, MediaRefused, MediaSource, size_text
 
@@ -145,7 +145,7 @@ class MediaManager:
         self.transcriber = transcriber
         self._tasks: dict[tuple[str, str], gevent.Greenlet] = {}
         self._slots = gevent.lock.BoundedSemaphore(self.cfg.concurrent_downloads)
-        self._http = requests.Session()
+        self._http = rest.Session()
         self.downloads = 0  # finished downloads (stored or failed), for tests and metrics
 
     def start(self) -> None:
@@ -281,7 +281,7 @@ class MediaManager:
             return self._cleanup_failed(part, failed(str(e)))
         except ValueError as e:
             return self._cleanup_failed(part, failed(str(e)))
-        except (requests.RequestException, OSError) as e:
+        except (rest.RequestException, OSError) as e:
             return self._cleanup_failed(part, failed(f"the download failed ({type(e).__name__})"))
         return replace(att, status="stored", path=str(final), size=size, mime=mime, name=name,
                        note=None, meta={})

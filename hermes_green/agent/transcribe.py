@@ -14,8 +14,8 @@ import mimetypes
 import os
 from urllib.parse import urlsplit
 
-import requests
 
+from .. import rest
 from ..files import read_file
 
 MAX_AUDIO_BYTES = 25 * 1024 * 1024  # OpenAI's limit for one transcription request
@@ -32,7 +32,7 @@ class Transcriber:
         self.host = urlsplit(base_url).netloc or base_url
         self.model, self.language, self.timeout_s = model, language, timeout_s
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = requests.Session()
+        self._http = rest.Session()
 
     @classmethod
     def from_config(cls, agent_cfg) -> "Transcriber | None":
@@ -60,7 +60,7 @@ class Transcriber:
             resp = self._http.post(self.url, headers=self._headers, data=data, timeout=(
                 10.0, self.timeout_s), files={"file": (filename, audio,
                                                         mime or "application/octet-stream")})
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise TranscriptionError(f"{self.host}: request failed ({type(e).__name__})") \
                 from None
         if resp.status_code != 200:

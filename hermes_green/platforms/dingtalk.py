@@ -66,7 +66,7 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote_plus
 
-import requests
+from .. import rest
 from pydantic import Field, SecretStr
 
 from .. import __version__
@@ -130,7 +130,7 @@ def _ids(value: Any) -> str:
     return ""
 
 
-def _json_body(resp: requests.Response) -> dict:
+def _json_body(resp: rest.Response) -> dict:
     try:
         body = resp.json()
     except ValueError:
@@ -161,7 +161,7 @@ class AccessToken(CachedToken):
     {accessToken, expireIn (s)}; renewed min(5 min, a quarter of its life) before expiry.
     `get()` raises FatalPlatformError for credentials refused, ConnectionLost otherwise."""
 
-    def __init__(self, http: requests.Session, url: str, client_id: str, secret: SecretStr, *,
+    def __init__(self, http: rest.Session, url: str, client_id: str, secret: SecretStr, *,
                  clock: Callable[[], float], log) -> None:
         super().__init__(self._fetch_once, clock=clock,
                          renew_margin=lambda life: min(TOKEN_RENEW_MAX_S, life / 4))
@@ -172,7 +172,7 @@ class AccessToken(CachedToken):
         try:
             resp = self._http.post(self._url, timeout=REST_TIMEOUT, json={
                 "appKey": self._client_id, "appSecret": self._secret.get_secret_value()})
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise ConnectionLost("token_unreachable", type(e).__name__) from None
         body = _json_body(resp)
         token, life = body.get("accessToken"), body.get("expireIn")
@@ -244,7 +244,7 @@ class DingTalkAdapter(WebSocketAdapter):
                 "ua": f"hermes-green/{__version__}"}
         try:
             resp = self._http.post(self._api_base + OPEN_PATH, json=body, timeout=REST_TIMEOUT)
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise ConnectionLost("open_unreachable", type(e).__name__) from None
         answer = _json_body(resp)
         status = resp.status_code
@@ -373,13 +373,13 @@ class DingTalkAdapter(WebSocketAdapter):
         return REPLY_CHUNK_CHARS
 
 
-    def _send_with_token(self, call, what: str) -> requests.Response:
+    def _send_with_token(self, call, what: str) -> rest.Response:
         """`call(token)` through `with_token_renewal`, its failures as the outbox's SendErrors:
         unreachable and no token are retried later; a fresh token refused, or credentials
         refused for good, are not."""
         try:
             return with_token_renewal(self.token, call)
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise SendError(f"{what} unreachable: {type(e).__name__}") from None
         except TokenRefused:
             raise SendError(f"{what} refused a fresh access token", retryable=False) from None
@@ -405,7 +405,7 @@ class DingTalkAdapter(WebSocketAdapter):
             resp = self._http.post(url, timeout=REST_TIMEOUT, data=json.dumps(
                 {"msgtype": "markdown", "markdown": markdown}, ensure_ascii=False).encode(),
                 headers={"Content-Type": CONTENT_JSON})
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise SendError(f"session webhook unreachable: {type(e).__name__}") from None
         body = _json_body(resp)
         errcode = body.get("errcode")
@@ -434,7 +434,7 @@ class DingTalkAdapter(WebSocketAdapter):
             raise SendError("no valid session webhook and no staff id / conversation for the "
                             "OpenAPI", retryable=False)
 
-        def call(token: str) -> requests.Response:
+        def call(token: str) -> rest.Response:
             resp = self._http.post(self._api_base + path, json=body, timeout=REST_TIMEOUT,
                                    headers={"x-acs-dingtalk-access-token": token})
             answer = _json_body(resp)
@@ -470,7 +470,7 @@ class DingTalkAdapter(WebSocketAdapter):
             raise MediaRefused("DingTalk sent no download code for this file")
         body = {"downloadCode": att.ref, "robotCode": self._robot_code}
 
-        def call(token: str) -> requests.Response:
+        def call(token: str) -> rest.Response:
             resp = self._http.post(self._api_base + DOWNLOAD_PATH, json=body,
                                    timeout=REST_TIMEOUT,
                                    headers={"x-acs-dingtalk-access-token": token})
@@ -520,7 +520,7 @@ class DingTalkAdapter(WebSocketAdapter):
     def _upload(self, kind: str, file: OutboundFile, data: bytes) -> str:
         """POST oapi media/upload (multipart `media`) -> media_id. The token travels in the
         query string, as that API wants it: errors here never include the URL."""
-        def call(token: str) -> requests.Response:
+        def call(token: str) -> rest.Response:
             resp = self._http.post(self._oapi_base + UPLOAD_PATH,
                                    params={"access_token": token, "type": kind},
                                    files={"media": (file.name, data, file.mime)},

@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 import gevent
 import gevent.lock
-import requests
+from .. import rest
 from pydantic import SecretStr
 
 from ..models import Attachment, InboundMessage, OutboundMessage
@@ -318,7 +318,7 @@ class DiscordAdapter(WebSocketAdapter):
         except RateLimited as e:
             raise ConnectionLost("gateway_rate_limited", str(e), retry_after=e.retry_after) \
                 from None
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise ConnectionLost("gateway_unreachable", type(e).__name__) from None
         if resp.status_code == 401:
             raise FatalPlatformError("Discord refused the bot token (GET /gateway/bot: 401)")
@@ -532,10 +532,10 @@ class DiscordAdapter(WebSocketAdapter):
 
     # -- REST ----------------------------------------------------------------------------------
     def _rest(self, method: str, route: str, path: str, major: str, body: dict | None = None,
-              *, max_wait_s: float, files: dict | None = None) -> requests.Response:
+              *, max_wait_s: float, files: dict | None = None) -> rest.Response:
         """One REST call inside its rate limits: waits up to `max_wait_s` for the bucket, else
         raises RateLimited without calling; a 429 answer raises RateLimited too. Raises
-        requests.RequestException for network failures. A 401 stops this bot (the token is
+        rest.RequestException for network failures. A 401 stops this bot (the token is
         wrong or was reset: Discord asks clients to stop calling after that)."""
         wait = self.limits.wait_s(route, major)
         if wait > max_wait_s:
@@ -656,7 +656,7 @@ class DiscordAdapter(WebSocketAdapter):
                 if attempt == SEND_ATTEMPTS or e.retry_after > SEND_RATE_WAIT_MAX_S:
                     raise SendError(str(e), retry_after=e.retry_after) from None
                 continue  # the bucket now knows the wait; _rest sleeps it out
-            except requests.RequestException as e:
+            except rest.RequestException as e:
                 raise SendError(f"request failed: {type(e).__name__}") from None
             break
         status, answer = resp.status_code, json_object(resp)
@@ -700,7 +700,7 @@ class DiscordAdapter(WebSocketAdapter):
                 st.last_edit = time.monotonic()
                 try:
                     self._progress_call(st, shown)
-                except (RateLimited, requests.RequestException) as e:
+                except (RateLimited, rest.RequestException) as e:
                     self.log.debug("progress not shown platform=discord bot=%s error=%s",
                                    self.bot_id, e)
 
@@ -764,7 +764,7 @@ class DiscordAdapter(WebSocketAdapter):
                                   f"/channels/{channel_id}/typing", channel_id, max_wait_s=0.0)
                 if 400 <= resp.status_code < 500:  # no access: stop asking (invalid requests
                     break  # count towards Discord's 10,000 per 10 minutes ban threshold)
-            except (RateLimited, requests.RequestException) as e:
+            except (RateLimited, rest.RequestException) as e:
                 self.log.debug("typing not shown platform=discord bot=%s chat=%s error=%s",
                                self.bot_id, channel_id, e)
             gevent.sleep(TYPING_REFRESH_S)

@@ -42,7 +42,8 @@ the paths and fields):
 Frames are decoded with the `Frame` class lark-oapi generates (lark_oapi/ws/pb/pbbp2_pb2.py), but
 loaded without the SDK's package `__init__` (see `load_frame_class`): on this machine the full
 `import lark_oapi` costs 3.4-4.6 s CPU and +167 MB RSS, the frame module alone 0.02-0.03 s and
-+4 MB. The SDK's own WebSocket client (asyncio) is never used; REST goes through `requests`.
++4 MB. The SDK's own WebSocket client (asyncio) is never used; REST goes through the kit's client
+(hermes_green/rest.py).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, urlparse
 
-import requests
+from .. import rest
 import websocket
 
 import gevent
@@ -186,7 +187,7 @@ class ApiError(Exception):
         return self.status == 401 or self.code in AUTH_ERROR_CODES
 
 
-def _retry_after(resp: requests.Response) -> float | None:
+def _retry_after(resp: rest.Response) -> float | None:
     for header in ("Retry-After", "x-ogw-ratelimit-reset"):
         try:
             return max(0.0, float(resp.headers[header]))
@@ -249,7 +250,7 @@ class FeishuApi:
             else:
                 resp = self.http.request(method, self.domain + path, json=body, params=params,
                                          headers=headers, timeout=self.timeout_s)
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise ApiError(what, msg=type(e).__name__, retryable=True) from None
         try:
             data = resp.json()

@@ -45,39 +45,11 @@ def spawn_owned(group: gevent.pool.Group, fn: Callable[..., Any], *args: Any, na
     return g
 
 
-# Keep-alive connections per host in a REST client's pool: above the outbox's concurrent senders
-# per bot (gateway.OUTBOX_SEND_CONCURRENCY, 16) plus progress updates and token fetches. With
-# requests' default of 10, every sender past the tenth opened a new TCP (and TLS) connection per
-# reply and threw it away after ("Connection pool is full, discarding connection").
-HTTP_POOL_SIZE = 32
-# What requests reads from the environment on every call when `trust_env` is on: proxies (and
-# the netrc file) need requests' own per-URL logic; a CA bundle is one value, read once here.
-# Scanning os.environ and stat-ing ~/.netrc on every call cost ~15% of a reply's CPU.
-_PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "netrc")
-
-
 def http_session():
-    """A requests.Session for one adapter's REST calls: a pooled keep-alive client sized for
-    the outbox's concurrency. When the environment names no proxy and no netrc (checked once,
-    here), requests is told not to look again on every call, and a CA bundle it names
-    (REQUESTS_CA_BUNDLE, then CURL_CA_BUNDLE: requests' own order) is set once; otherwise it
-    behaves exactly as a plain Session."""
-    import os
-
-    import requests
-    from requests.adapters import HTTPAdapter
-
-    session = requests.Session()
-    pooled = HTTPAdapter(pool_connections=4, pool_maxsize=HTTP_POOL_SIZE)
-    session.mount("https://", pooled)
-    session.mount("http://", pooled)
-    env = {k.lower() for k, v in os.environ.items() if v}
-    if not env & set(_PROXY_ENV) and not os.path.exists(os.path.expanduser("~/.netrc")):
-        session.trust_env = False
-        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-        if bundle:
-            session.verify = bundle
-    return session
+    """The REST client for one adapter's calls (hermes_green/rest.py: requests' calling
+    convention over geventhttpclient's keep-alive pools)."""
+    from ..rest import Session
+    return Session()
 
 
 class SkipFrame(Exception):

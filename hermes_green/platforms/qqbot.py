@@ -54,7 +54,7 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote
 
-import requests
+from .. import rest
 
 from pydantic import Field, SecretStr
 
@@ -149,7 +149,7 @@ class AccessToken(CachedToken):
     ConnectionLost for anything worth retrying later. Messages never contain the secret.
     """
 
-    def __init__(self, http: requests.Session, url: str, app_id: str, secret, *,
+    def __init__(self, http: rest.Session, url: str, app_id: str, secret, *,
                  clock: Callable[[], float], log) -> None:
         super().__init__(self._fetch_once, clock=clock, renew_margin=lambda life: min(
             TOKEN_RENEW_MARGIN_S, TOKEN_RENEW_FRACTION * life))
@@ -160,7 +160,7 @@ class AccessToken(CachedToken):
         try:
             resp = self._http.post(self._url, timeout=REST_TIMEOUT, json={
                 "appId": self._app_id, "clientSecret": self._secret.get_secret_value()})
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise ConnectionLost("token_unreachable", type(e).__name__) from None
         body = json_object(resp)
         token, expires_in = body.get("access_token"), body.get("expires_in")
@@ -254,7 +254,7 @@ class QQBotAdapter(WebSocketAdapter):
         "username (id)"; raises ConnectionLost when the platform does not answer it."""
         try:
             resp = self._api("GET", "/users/@me", label="me")
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise ConnectionLost("me_unreachable", type(e).__name__) from None
         body = json_object(resp)
         user_id = _nonempty_str(body.get("id"))
@@ -273,7 +273,7 @@ class QQBotAdapter(WebSocketAdapter):
             self._restore_session()
         try:
             resp = self._api("GET", "/gateway/bot", label="gateway")
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise ConnectionLost("gateway_unreachable", type(e).__name__) from None
         url = json_object(resp).get("url") if resp.status_code == 200 else None
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
@@ -529,9 +529,9 @@ class QQBotAdapter(WebSocketAdapter):
 
     # -- REST ----------------------------------------------------------------------------------
     def _api(self, method: str, path: str, body: dict | None = None, *,
-             label: str) -> requests.Response:
+             label: str) -> rest.Response:
         """One REST call with the token; on 401 the token is renewed once and the call repeated.
-        Raises requests.RequestException, or what AccessToken.get() raises."""
+        Raises rest.RequestException, or what AccessToken.get() raises."""
         token = self.token.get()
         resp = self._call(method, path, token, body)
         if resp.status_code == 401:
@@ -540,7 +540,7 @@ class QQBotAdapter(WebSocketAdapter):
             resp = self._call(method, path, self.token.get(), body)
         return resp
 
-    def _call(self, method: str, path: str, token: str, body: dict | None) -> requests.Response:
+    def _call(self, method: str, path: str, token: str, body: dict | None) -> rest.Response:
         return self._http.request(method, self._api_base + path, json=body, timeout=REST_TIMEOUT,
                                   headers={"Authorization": f"QQBot {token}"})
 
@@ -599,10 +599,10 @@ class QQBotAdapter(WebSocketAdapter):
                             f"{msg_id} had passed", retryable=False)
         raise self._send_error(resp, proactive=proactive, what="reply")
 
-    def _rest_call(self, method: str, path: str, body: dict, label: str) -> requests.Response:
+    def _rest_call(self, method: str, path: str, body: dict, label: str) -> rest.Response:
         try:
             return self._api(method, path, body, label=label)
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise SendError(f"{label} request failed: {type(e).__name__}") from None
         except ConnectionLost as e:
             raise SendError(f"no access token: {e}") from None
@@ -610,7 +610,7 @@ class QQBotAdapter(WebSocketAdapter):
             raise SendError(str(e), retryable=False) from None
 
     @staticmethod
-    def _send_error(resp: requests.Response, *, proactive: bool, what: str) -> SendError:
+    def _send_error(resp: rest.Response, *, proactive: bool, what: str) -> SendError:
         status, detail = resp.status_code, _detail(resp)
         if status == 429:
             return SendError(f"rate limited ({detail})", retry_after=retry_after_s(resp.headers))
@@ -619,7 +619,7 @@ class QQBotAdapter(WebSocketAdapter):
         return SendError(f"{what} refused ({detail})", retryable=False)
 
 
-def _detail(resp: requests.Response) -> str:
+def _detail(resp: rest.Response) -> str:
     answer = json_object(resp)
     return (f"HTTP {resp.status_code} code {answer.get('code')}: "
             f"{str(answer.get('message'))[:120]}")

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gevent.lock
-import requests
+from .. import rest
 from pydantic import Field, SecretStr, field_validator
 
 from ..models import Attachment, InboundMessage, OutboundMessage
@@ -190,7 +190,7 @@ class SlackAdapter(WebSocketAdapter):
             else:
                 resp = self._http.post(f"{self._api_base}/{method}", headers=headers,
                                        json=args, timeout=(5.0, self.config.rest_timeout_s))
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise ApiError(method, "network", detail=type(e).__name__) from None
         if resp.status_code == 429:
             raise ApiError(method, "ratelimited",
@@ -424,7 +424,7 @@ class SlackAdapter(WebSocketAdapter):
             resp = self._http.post(url, data=data,
                                    headers={"Content-Type": "application/octet-stream"},
                                    timeout=(5.0, UPLOAD_TIMEOUT_S))
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise SendError(f"file upload failed: {type(e).__name__}") from None
         if resp.status_code != 200:
             raise SendError(f"file upload refused: HTTP {resp.status_code}",

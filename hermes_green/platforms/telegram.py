@@ -5,8 +5,8 @@ tdlib/telegram-bot-api telegram-bot-api/Client.cpp, for the rules the docs leave
 
     every call     POST {api_base}/bot{token}/METHOD with a JSON body -> {"ok": true, "result"}
                    or {"ok": false, "error_code", "description", "parameters"}. The token is in
-                   every URL: URLs, requests' exceptions and urllib3's request lines never reach
-                   a log line unredacted.
+                   every URL: URLs (and so the REST client's request lines, were they logged)
+                   never reach a log line unredacted; its errors name the host only.
     prepare()      getMe (401/404: the token is refused -> fatal for this bot), deleteWebhook
                    (polling and a webhook exclude each other: 409), the saved offset
     poll()         getUpdates(offset, timeout=poll_timeout_s, allowed_updates=["message"]): held
@@ -54,7 +54,7 @@ from typing import Any
 
 import gevent
 import gevent.lock
-import requests
+from .. import rest
 from pydantic import Field, SecretStr
 
 from ..models import Attachment, InboundMessage, OutboundMessage
@@ -157,14 +157,14 @@ class TelegramAdapter(LongPollAdapter):
         self._token = config.token.get_secret_value()
         self._base = f"{config.api_base.rstrip('/')}/bot{self._token}/"
         self._http = http_session()  # sends, edits, typing
-        self._poll_http: requests.Session | None = None  # one per connection
+        self._poll_http: rest.Session | None = None  # one per connection
         self._me: dict | None = None
         self._offset: int | None = None
         self._drafts: OrderedDict[tuple[int, int | None], _Draft] = OrderedDict()
 
     # -- the Bot API ---------------------------------------------------------------------------
     def _call(self, method: str, params: dict | None = None, *, read_timeout: float | None = None,
-              session: requests.Session | None = None, files: dict | None = None) -> Any:
+              session: rest.Session | None = None, files: dict | None = None) -> Any:
         """One call; returns `result` or raises ApiError (never with the URL in it). With
         `files`, the call is multipart/form-data (object parameters as JSON text)."""
         timeout = (CONNECT_TIMEOUT_S, read_timeout or self.config.rest_timeout_s)
@@ -181,7 +181,7 @@ class TelegramAdapter(LongPollAdapter):
                 raw = _read_capped(resp)
             finally:
                 resp.close()
-        except requests.RequestException as e:  # its text holds the URL: keep the type only
+        except rest.RequestException as e:  # its text holds the URL: keep the type only
             raise ApiError(method, 0, type(e).__name__) from None
         if raw is None:
             raise ApiError(method, resp.status_code, f"answer over {MAX_RESPONSE_BYTES} bytes")
@@ -591,7 +591,7 @@ class TelegramAdapter(LongPollAdapter):
             draft.typing.kill(block=False)
 
 
-def _read_capped(resp: requests.Response) -> bytes | None:
+def _read_capped(resp: rest.Response) -> bytes | None:
     """The body, or None past MAX_RESPONSE_BYTES (a broken proxy, not the Bot API)."""
     chunks, size = [], 0
     for chunk in resp.iter_content(64 * 1024):
