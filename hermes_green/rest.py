@@ -10,8 +10,9 @@ gevent's own HTTP client (locust's FastHttpUser) and 1 MB.
 What it keeps from requests, because adapters rely on it:
 - `Session.request(method, url, params=, json=, data=, files=, headers=, timeout=, stream=,
   allow_redirects=)` and get/post/put/patch/delete; `session.headers` go with every call.
-- `timeout`: a number or (connect, read). The answer's head must arrive within connect + read;
-  each read of the body within read.
+- `timeout`: a number or (connect, read), as requests: the connection within connect, then
+  every read from the socket (the answer's head included) within read. The pools are kept per
+  (host, timeouts), because the socket carries them.
 - `data`: a dict is form-encoded, str/bytes go as they are; with `files` (name -> (filename,
   bytes, mime)) the body is multipart/form-data.
 - redirects of GET/HEAD (and 303 of anything) are followed, at most MAX_REDIRECTS; the
@@ -81,16 +82,7 @@ class Response:
         return self.status_code < 400
 
     def _read(self, size: int | None) -> bytes:
-        try:
-            with gevent.Timeout(self._read_s, Timeout(f"{self._host}: body not read within "
-                                                      f"{self._read_s:g}s")):
-                data = self._raw.read(size)
-        except RequestException:
-            self.close()
-            raise
-        except Exception as e:  # socket errors, the parser's errors on a broken body
-            self.close()
-            raise ConnectionError(f"{self._host}: body lost ({type(e).__name__})") from None
+        data = self._timed(lambda: self._raw.read(size))
         if self._decoder is not None:
             data = self._decoder.decompress(data) + (b"" if data else self._decoder.flush())
         return data
@@ -106,6 +98,33 @@ class Response:
                 self._content = b""
                 return
             yield chunk
+
+    def iter_lines(self) -> Iterator[bytes]:
+        """The body as it arrives, a line at a time (bytes, line end kept) as soon as the line
+        is complete: server-sent events. `iter_content` waits for whole chunks instead."""
+        if self._decoder is not None or self._content is not None:
+            yield from self.iter_content(8192)  # a compressed stream: pieces, not lines
+            return
+        while True:
+            line = self._timed(lambda: self._raw.readline(b"\n"))
+            if not line:
+                rest = self._timed(lambda: self._raw.read())  # a last line without its end
+                self._content = b""
+                if rest:
+                    yield rest
+                return
+            yield line
+
+    def _timed(self, read):
+        """A read; the socket's own timeout bounds each recv (the pool set it)."""
+        try:
+            return read()
+        except TimeoutError:
+            self.close()
+            raise Timeout(f"{self._host}: no data within {self._read_s:g}s") from None
+        except Exception as e:  # socket errors, the parser's errors on a broken body
+            self.close()
+            raise ConnectionError(f"{self._host}: body lost ({type(e).__name__})") from None
 
     @property
     def content(self) -> bytes:
@@ -167,7 +186,7 @@ class Session:
         method = method.upper()
         for _ in range(MAX_REDIRECTS + 1):
             u = URL(url)
-            raw = self._send(u, method, body, sent, connect_s + read_s)
+            raw = self._send(u, method, body, sent, connect_s, read_s)
             location = raw.get("location")
             if not (allow_redirects and raw.status_code in _REDIRECTS and location
                     and (method in ("GET", "HEAD") or raw.status_code == 303)):
@@ -191,19 +210,20 @@ class Session:
         self._clients.clear()
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _send(self, u: URL, method: str, body: bytes | None, headers: dict, within_s: float):
-        client = self._client(u)
+    def _send(self, u: URL, method: str, body: bytes | None, headers: dict, connect_s: float,
+              read_s: float):
+        client = self._client(u, connect_s, read_s)
         host = u.host
         try:
-            with gevent.Timeout(within_s, Timeout(f"{host}: no answer within {within_s:g}s")):
-                return client.request(method, u.request_uri, body=body, headers=headers)
-        except RequestException:
-            raise
+            return client.request(method, u.request_uri, body=body, headers=headers)
+        except TimeoutError:  # socket.timeout: the connect, or a read of the answer's head
+            raise Timeout(f"{host}: no answer within {connect_s:g}s to connect, "
+                          f"{read_s:g}s to read") from None
         except Exception as e:  # refused, reset, DNS, TLS, a malformed answer
             raise ConnectionError(f"{host}: {type(e).__name__}") from None
 
-    def _client(self, u: URL) -> HTTPClient:
-        key = (u.scheme, u.host, u.port)
+    def _client(self, u: URL, connect_s: float, read_s: float) -> HTTPClient:
+        key = (u.scheme, u.host, u.port, connect_s, read_s)
         client = self._clients.get(key)
         if client is None:
             https = u.scheme == "https"
@@ -217,11 +237,9 @@ class Session:
                                           if p.password else None))
             if https and self._ca:
                 kw["ssl_options"] = {"ca_certs": self._ca}
-            # timeouts are ours (gevent.Timeout per call and per read): the pool's only bound
-            # a connection attempt and a read nobody waits for any more
             client = self._clients[key] = HTTPClient(
                 u.host, u.port, ssl=https, concurrency=self._pool_size,
-                connection_timeout=DEFAULT_TIMEOUT_S, network_timeout=3600.0,
+                connection_timeout=connect_s, network_timeout=read_s,
                 headers={"User-Agent": USER_AGENT}, **kw)
         return client
 

@@ -3,8 +3,8 @@
 Works with any server that speaks the OpenAI chat API (OpenAI, vLLM, Ollama, OpenRouter,
 llama.cpp): `base_url`, `api_key` and `model` come from config, plus optional extra headers.
 
-- One `requests.Session` per client, so turns reuse connections; requests runs on patched
-  sockets, so a turn waiting for tokens never holds the hub.
+- One REST session per client (hermes_green/rest.py), so turns reuse connections; its sockets
+  are gevent's, so a turn waiting for tokens never holds the hub.
 - `stream: true`: server-sent events are parsed as they arrive; text deltas go to `on_text`
   with the full text so far; tool-call deltas (`index`, `id`, `function.name`, and
   `function.arguments` fragments) are assembled into whole calls.
@@ -27,13 +27,12 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import gevent
-import requests
-import urllib3.exceptions
-from requests.adapters import HTTPAdapter
+
+from .. import rest
 
 log = logging.getLogger("hermes_green.agent.llm")
 
@@ -142,21 +141,6 @@ class SSEParser:
         return None  # event:, id:, retry: carry nothing we use
 
 
-def _iter_body(raw) -> Iterator[bytes]:
-    """The response body as it arrives: per HTTP chunk, or whatever one read returns.
-
-    (`requests`' iter_content(None) would wait for EOF on a body without chunked encoding.)
-    """
-    if raw.chunked and raw.supports_chunked_reads():
-        yield from raw.read_chunked(None, decode_content=True)
-        return
-    while True:
-        data = raw.read1(65536)
-        if not data:
-            return
-        yield data
-
-
 # -- the client ---------------------------------------------------------------------------------
 
 class LLMClient:
@@ -185,11 +169,8 @@ class LLMClient:
                          "Content-Type": "application/json", **(extra_headers or {})}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._session = requests.Session()
         # Retries are ours (they must stop at the first token); the pool is per host.
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        self._session = rest.Session(pool_size=pool_size)
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "LLMClient":
@@ -258,13 +239,13 @@ class LLMClient:
         try:
             resp = self._session.post(self.url, json=payload, headers=headers, stream=True,
                                       timeout=(self.connect_timeout_s, self.read_timeout_s))
-        except requests.ConnectionError as e:  # ConnectTimeout included
+        except rest.ConnectionError as e:
             raise _Retryable(LLMConnectionError(
                 f"{self.host}: cannot connect ({_short(e)})")) from None
-        except requests.Timeout:
+        except rest.Timeout:
             raise _Retryable(LLMTimeout(f"{self.host}: no response within "
                                         f"{self.read_timeout_s:g} s")) from None
-        except requests.RequestException as e:
+        except rest.RequestException as e:
             raise LLMError(f"{self.host}: request failed ({_short(e)})") from None
         try:
             status = resp.status_code
@@ -285,16 +266,16 @@ class LLMClient:
         acc = _Accumulator(on_text)
         parser = SSEParser()
         try:
-            for chunk in _iter_body(resp.raw):
+            for chunk in resp.iter_lines():
                 for data in parser.feed(chunk):
                     if acc.event(data, self.host):
-                        _drain(resp.raw)
+                        _drain(resp)
                         return acc.completion()
             for data in parser.close():
                 if acc.event(data, self.host):
                     return acc.completion()
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
-            timed_out = isinstance(e, (urllib3.exceptions.ReadTimeoutError, TimeoutError))
+        except (rest.RequestException, OSError) as e:
+            timed_out = isinstance(e, (rest.Timeout, TimeoutError))
             what = (f"no data for {self.read_timeout_s:g} s" if timed_out
                     else f"connection lost ({_short(e)})")
             error_cls = LLMTimeout if timed_out else LLMStreamError
@@ -332,7 +313,7 @@ class LLMClient:
         if resp.status_code in (401, 403):
             return "authentication failed (check agent.api_key)"
         try:
-            raw = resp.raw.read(8192, decode_content=True) or b""
+            raw = next(resp.iter_content(8192), b"")
             text = raw.decode("utf-8", errors="replace")
             try:
                 body = json.loads(text)
@@ -419,17 +400,17 @@ class _Accumulator:
                           finish_reason=self.finish_reason, usage=self.usage)
 
 
-def _drain(raw) -> None:
-    """Read what follows `[DONE]` (the chunked terminator) so urllib3 hands the connection
-    back to the pool; `resp.close()` would otherwise drop it. Bounded in bytes and time."""
+def _drain(resp: rest.Response) -> None:
+    """Read what follows `[DONE]` (the chunked terminator) so the connection goes back to the
+    pool; `resp.close()` would otherwise drop it. Bounded in bytes and time."""
     left = _DRAIN_MAX_BYTES
     with gevent.Timeout(_DRAIN_TIMEOUT_S, False):
         try:
-            for chunk in _iter_body(raw):
+            for chunk in resp.iter_lines():
                 left -= len(chunk)
                 if left < 0:
                     return
-        except (urllib3.exceptions.HTTPError, OSError):
+        except (rest.RequestException, OSError):
             return
 
 
