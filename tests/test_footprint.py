@@ -24,6 +24,7 @@ NOT_AT_IDLE = (
     "hermes_green.platforms.dingtalk",
     "cryptography",  # WeCom's media decryption, when a message carries a file
     "multiprocessing",  # nothing: the process pool is hermes_green.agent.executors' own
+    "requests", "urllib3",  # fetch_url and `check` only; REST and the LLM go through rest.py
 )
 
 
