@@ -64,6 +64,24 @@ def test_finish_turn_is_atomic(store):
     assert store.history("qqbot", "c1", 10) == []
 
 
+def test_a_turn_with_a_message_finished_before_writes_nothing(store):
+    """m1 was answered by an earlier run of the turn; the re-run (m1 + m2) must leave m2 open,
+    queue nothing and add no history. Messages never journaled do not stop a turn."""
+    store.journal_inbound(msg("m1"))
+    store.journal_inbound(msg("m2"))
+    assert store.finish_turn("qqbot", "c1", ["m1"], [part("m1")], user_text="hi",
+                             answer_text="a") != []
+    before = store.outbox_pending()
+    assert store.finish_turn("qqbot", "c1", ["m1", "m2"], [part("m2")], user_text="again",
+                             answer_text="b") == []
+    assert store.inbound_state("qqbot", "m2") == "received"
+    assert store.outbox_pending() == before
+    assert [h["content"] for h in store.history("qqbot", "c1", 10)] == ["hi", "a"]
+    assert store.finish_turn("qqbot", "c1", ["m2", "never-journaled"], [part("m2")],
+                             user_text="q", answer_text="b") != []
+    assert store.inbound_state("qqbot", "m2") == "answered"
+
+
 def test_outbox_order_retry_and_done(store, monkeypatch):
     now = [1000.0]
     store._clock = lambda: now[0]
