@@ -22,11 +22,14 @@ abstract, then to both implementations, then a test to the contract suite.
 from __future__ import annotations
 
 import abc
+import logging
 import time
 from dataclasses import dataclass
 from typing import Iterable
 
 from .models import InboundMessage, OutboundMessage
+
+log = logging.getLogger("hermes_green.store")
 
 # A message whose turn was started this many times without finishing (the process died each
 # time) is answered with an apology instead of being retried forever.
@@ -207,6 +210,10 @@ class StoreBase(abc.ABC):
     def meta_put(self, key: str, value: str) -> None: ...
 
 
+# AdapterState.put_soon: how long a value may wait before it is written.
+SOON_S = 0.2
+
+
 class AdapterState:
     """`adapter.saved_state` as the gateway hands it in: get(key) / put(key, value or None) on
     one bot's saved state, so adapters keep protocol state (a session id and last sequence)
@@ -214,12 +221,37 @@ class AdapterState:
 
     def __init__(self, store: StoreBase, bot: str) -> None:
         self._store, self.bot = store, bot
+        self._soon: dict[str, str | None] = {}  # put_soon's values not yet written
+        self._flusher = None
 
     def get(self, key: str) -> str | None:
+        if key in self._soon:
+            return self._soon[key]
         return self._store.state_get(self.bot, key)
 
     def put(self, key: str, value: str | None) -> None:
+        self._soon.pop(key, None)  # this value is newer than a pending one
         self._store.state_put(self.bot, key, value)
+
+    def put_soon(self, key: str, value: str | None) -> None:
+        """One write per key every SOON_S at most, instead of one per event (QQ's and
+        Discord's sequence numbers: a store write and its commit per message)."""
+        self._soon[key] = value
+        if self._flusher is None:
+            import gevent
+            self._flusher = gevent.spawn_later(SOON_S, self.flush)
+            self._flusher.name = f"saved-state:{self.bot}"
+
+    def flush(self) -> None:
+        """Write what put_soon holds (a failure is logged; the older saved value is safe)."""
+        self._flusher = None
+        pending, self._soon = self._soon, {}
+        for key, value in pending.items():
+            try:
+                self._store.state_put(self.bot, key, value)
+            except Exception as e:  # the store's own errors: the next value tries again
+                log.warning("saved state not written bot=%s key=%s error=%s", self.bot, key,
+                            type(e).__name__)
 
 
 def make_store(gateway_config, *, history_limit: int = 200) -> StoreBase:

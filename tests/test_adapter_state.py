@@ -26,6 +26,30 @@ def test_saved_state_survives_a_reopen_and_is_kept_per_platform(data_dir):
         store.close()
 
 
+def test_put_soon_writes_the_latest_value_once_and_put_wins_over_it(data_dir):
+    """A resume cursor advanced per event costs one store write per SOON_S, not one per event;
+    reads see the newest value at once; a plain put (a new session) replaces a pending one."""
+    import gevent
+    store = Store(data_dir).open()
+    writes = []
+    real = store.state_put
+    store.state_put = lambda bot, key, value: (writes.append(value), real(bot, key, value))
+    qq = store.adapter_state("qqbot")
+    for seq in range(1, 101):
+        qq.put_soon("session", f'{{"seq": {seq}}}')
+    assert qq.get("session") == '{"seq": 100}' and writes == []
+    gevent.wait([qq._flusher], timeout=5)
+    assert writes == ['{"seq": 100}']
+    qq.put_soon("session", '{"seq": 101}')
+    qq.put("session", '{"id": "new"}')  # newer than the pending cursor
+    qq.flush()
+    assert writes[-1] == '{"id": "new"}'
+    store.close()
+    store = Store(data_dir).open()
+    assert store.adapter_state("qqbot").get("session") == '{"id": "new"}'
+    store.close()
+
+
 def test_memory_state_has_the_same_calls():
     state = MemoryState()
     state.put("k", "v")

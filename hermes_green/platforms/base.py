@@ -157,6 +157,12 @@ class SavedState(Protocol):
 
     def put(self, key: str, value: str | None) -> None: ...
 
+    def put_soon(self, key: str, value: str | None) -> None:
+        """Like put, written within a fraction of a second and coalesced with the next values
+        for the key: for a resume cursor that advances with every event, where an older saved
+        value only replays events the journal already de-duplicates."""
+        ...
+
 
 class MemoryState:
     """SavedState for adapters built without a gateway (tests, `check`)."""
@@ -172,6 +178,8 @@ class MemoryState:
             self._values.pop(key, None)
         else:
             self._values[key] = value
+
+    put_soon = put
 
 
 # --- the contract ----------------------------------------------------------------------------

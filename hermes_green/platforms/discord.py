@@ -287,12 +287,13 @@ class DiscordAdapter(WebSocketAdapter):
         self.log.info("saved session found platform=discord bot=%s session=%s seq=%s",
                       self.bot_id, sid, seq)
 
-    def _save_session(self) -> None:
+    def _save_session(self, *, soon: bool = False) -> None:
         value = None if self.session_id is None else json.dumps({
             "session_id": self.session_id, "seq": self.seq, "resume_url": self.resume_url,
             "user_id": self.user_id, "at": time.time()})
         try:
-            self.saved_state.put(SAVED_SESSION_KEY, value)
+            (self.saved_state.put_soon if soon else self.saved_state.put)(SAVED_SESSION_KEY,
+                                                                          value)
         except Exception as e:  # a restart then identifies afresh; the connection goes on
             self.log.warning("session not saved platform=discord bot=%s error=%s",
                              self.bot_id, type(e).__name__)
@@ -412,7 +413,7 @@ class DiscordAdapter(WebSocketAdapter):
             self.seq = s
             if self._seq_matters:  # a message was handed up: a restart resumes after it
                 self._seq_matters = False
-                self._save_session()
+                self._save_session(soon=True)  # older only replays journaled events
 
     def _on_ready(self, d: Any) -> None:
         d = d if isinstance(d, dict) else {}

@@ -352,7 +352,7 @@ class QQBotAdapter(WebSocketAdapter):
         s = frame.get("s")
         if is_int(s) and s > 0 and (self.seq is None or s > self.seq):
             self.seq = s
-            self._save_session()
+            self._save_session(soon=True)  # an older saved seq only replays journaled events
 
     def _on_ready(self, d: Any) -> None:
         session_id = _nonempty_str(d.get("session_id")) if isinstance(d, dict) else ""
@@ -501,13 +501,13 @@ class QQBotAdapter(WebSocketAdapter):
         self.session_id = None
         self._save_session()
 
-    def _save_session(self) -> None:
+    def _save_session(self, *, soon: bool = False) -> None:
         """Keep the session and seq where the next start finds them. A failed write is logged
         and costs nothing now: the saved seq stays older, and an older seq is always safe."""
         value = (None if self.session_id is None else
                  json.dumps({"session_id": self.session_id, "seq": self.seq}))
         try:
-            self.saved_state.put(SESSION_KEY, value)
+            (self.saved_state.put_soon if soon else self.saved_state.put)(SESSION_KEY, value)
         except Exception as e:  # the store's own errors; the connection goes on
             self.log.warning("session not saved platform=qqbot error=%s", type(e).__name__)
 
