@@ -145,7 +145,7 @@ class MediaManager:
         self.transcriber = transcriber
         self._tasks: dict[tuple[str, str], gevent.Greenlet] = {}
         self._slots = gevent.lock.BoundedSemaphore(self.cfg.concurrent_downloads)
-        self._http = rest.Session()
+        self._http = rest.Session(pool_size=max(rest.POOL_SIZE, self.cfg.concurrent_downloads))
         self.downloads = 0  # finished downloads (stored or failed), for tests and metrics
 
     def start(self) -> None:

@@ -19,6 +19,9 @@ What it keeps from requests, because adapters rely on it:
   Authorization header is dropped when a redirect leaves the host, as requests does.
 - proxies from the environment (HTTPS_PROXY, HTTP_PROXY, NO_PROXY), a CA bundle named by
   REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE or SSL_CERT_FILE, else certifi's.
+- unlike requests, a pool's size bounds the calls in flight per host: past it a call waits for
+  a connection to come free (requests opened throw-away extra ones). So each user sizes its
+  pool for what it runs at once: POOL_SIZE for an adapter, the LLM client one per turn.
 - one exception type, `RequestException` (`Timeout`, `ConnectionError` below it), whose text
   names the host and the failure, never the URL: a Telegram token is part of the path.
 """

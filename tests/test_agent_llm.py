@@ -318,3 +318,16 @@ def test_sse_parser_flushes_a_last_event_without_blank_line():
 def test_llm_error_reasons_are_short_phrases():
     assert LLMTimeout("x").reason == "the model server did not answer in time"
     assert issubclass(LLMStreamError, LLMError)
+
+
+def test_many_turns_stream_at_once_each_on_its_own_connection(fake):
+    """40 turns waiting on their streams at the same time all reach the server (a pool of 32
+    connections held the rest back until a stream ended: the footprint bench's 50 slow turns)."""
+    c = LLMClient(base_url=fake.base_url, model="m", api_key=KEY, timeout_s=30)
+    fake.script(*[hang(after_headers=True)] * 40)
+    calls = [gevent.spawn(c.chat, USER) for _ in range(40)]
+    try:
+        assert fake.wait_for_chat_requests(40, timeout=10), len(fake.chat_requests)
+    finally:
+        gevent.killall(calls, timeout=5)
+        c.close()

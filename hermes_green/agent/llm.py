@@ -37,6 +37,9 @@ from .. import rest
 log = logging.getLogger("hermes_green.agent.llm")
 
 RETRY_AFTER_CAP_S = 30.0
+# Connections to the model server at once: one per running turn's stream. Past it a call waits
+# for a free connection (inside its agent.timeout_s); connections open only as turns need them.
+LLM_POOL_SIZE = 256
 _DRAIN_MAX_BYTES = 65536
 _DRAIN_TIMEOUT_S = 1.0
 
@@ -151,7 +154,8 @@ class LLMClient:
                  read_timeout_s: float | None = None, max_retries: int = 3,
                  extra_headers: dict[str, str] | None = None, backoff_base_s: float = 0.5,
                  backoff_max_s: float = 8.0, retry_after_cap_s: float = RETRY_AFTER_CAP_S,
-                 pool_size: int = 32, sleep: Callable[[float], None] = gevent.sleep) -> None:
+                 pool_size: int = LLM_POOL_SIZE,
+                 sleep: Callable[[float], None] = gevent.sleep) -> None:
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/chat/completions"
         self.host = urlsplit(self.base_url).netloc or self.base_url
