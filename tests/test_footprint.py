@@ -25,6 +25,7 @@ NOT_AT_IDLE = (
     "cryptography",  # WeCom's media decryption, when a message carries a file
     "multiprocessing",  # nothing: the process pool is hermes_green.agent.executors' own
     "requests", "urllib3",  # fetch_url and `check` only; REST and the LLM go through rest.py
+    "importlib.metadata",  # pydantic's plugin scan (runtime._without_pydantic_plugin_scan)
 )
 
 
