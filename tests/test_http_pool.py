@@ -205,3 +205,46 @@ def test_a_proxy_from_the_environment_carries_plain_http(server, monkeypatch):
     monkeypatch.setenv("no_proxy", "chat.example.invalid")
     with pytest.raises(rest.ConnectionError):  # not through the proxy: the name does not resolve
         http_session().get("http://chat.example.invalid/api/ping", timeout=5)
+
+
+def test_https_verifies_the_certificate_against_the_bundle_the_environment_names(tmp_path,
+                                                                               monkeypatch):
+    """TLS as requests does it: a server whose certificate the named bundle (REQUESTS_CA_BUNDLE)
+    vouches for is reached; without that bundle (certifi's) the same server is refused, and so
+    is a certificate for another name."""
+    import subprocess
+
+    def make_cert(name: str) -> tuple[str, str]:
+        cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                        "2", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
+                        "-keyout", str(key), "-out", str(cert)], check=True,
+                       capture_output=True)
+        return str(cert), str(key)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b'{"secure": true}']
+
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    good_cert, good_key = make_cert("localhost")
+    other_cert, other_key = make_cert("impostor.example")
+    good = pywsgi.WSGIServer(("127.0.0.1", 0), app, certfile=good_cert, keyfile=good_key,
+                             log=None, error_log=None)
+    other = pywsgi.WSGIServer(("127.0.0.1", 0), app, certfile=other_cert, keyfile=other_key,
+                              log=None, error_log=None)
+    good.start()
+    other.start()
+    try:
+        with pytest.raises(rest.ConnectionError, match="SSL"):  # certifi does not know it
+            http_session().get(f"https://localhost:{good.server_port}/", timeout=5)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", good_cert)
+        r = http_session().get(f"https://localhost:{good.server_port}/", timeout=5)
+        assert r.status_code == 200 and r.json() == {"secure": True}
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", other_cert)  # trusted, but not for localhost
+        with pytest.raises(rest.ConnectionError):
+            http_session().get(f"https://localhost:{other.server_port}/", timeout=5)
+    finally:
+        good.stop()
+        other.stop()
