@@ -142,3 +142,20 @@ def start_inprocess_gateway(tmp_path, fake, agent, *, busy_mode="queue", extra_f
     wait_until(lambda: "testchat" in gw.adapters and gw.adapters["testchat"].ready.is_set(),
                what="testchat connected")
     return gw
+
+
+def start_feishu_llm_gateway(tmp_path, feishu, llm, *, api_key: str, progress_after_s: float):
+    """An in-process gateway: the Feishu fake, an LLM agent on the fake LLM, cards updated every
+    0.1 s; returns it once Feishu is ready (the caller shuts it down)."""
+    from hermes_green.config import Config
+    from hermes_green.gateway import Gateway
+    config = Config.model_validate({
+        "gateway": {"data_dir": str(tmp_path / "data"), "status": {"enabled": False},
+                    "progress_after_s": progress_after_s},
+        "agent": {"base_url": llm.base_url, "api_key": api_key, "model": "m", "tools": []},
+        "platforms": {"feishu": {"app_id": feishu.app_id, "app_secret": feishu.app_secret,
+                                 "domain": feishu.http_base, "card_update_interval_s": 0.1}}})
+    gw = Gateway(config).start()
+    wait_until(lambda: "feishu" in gw.adapters and gw.adapters["feishu"].ready.is_set(),
+               what="feishu ready")
+    return gw

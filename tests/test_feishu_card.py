@@ -3,11 +3,9 @@ created and sent once, its text grows with strictly increasing sequences, and th
 part finishes it with the exact final text and closes streaming mode -- no second message."""
 import pytest
 
-from hermes_green.config import Config
-from hermes_green.gateway import Gateway
 from hermes_green.testing.fake_feishu import FakeFeishuServer
 from hermes_green.testing.fake_llm import FakeLLM, text
-from tests.support import wait_until
+from tests.support import start_feishu_llm_gateway
 
 ANSWER = ("The tide comes in twice a day because the moon pulls the oceans towards it, and the "
           "earth turns beneath that bulge. " * 4).strip()
@@ -29,16 +27,8 @@ def feishu():
 
 @pytest.fixture
 def gateway(tmp_path, llm, feishu):
-    config = Config.model_validate({
-        # progress shown from the first update: these tests are about the card itself
-        "gateway": {"data_dir": str(tmp_path / "data"), "status": {"enabled": False},
-                    "progress_after_s": 0},
-        "agent": {"base_url": llm.base_url, "api_key": "sk-card", "model": "m", "tools": []},
-        "platforms": {"feishu": {"app_id": feishu.app_id, "app_secret": feishu.app_secret,
-                                 "domain": feishu.http_base, "card_update_interval_s": 0.1}}})
-    gw = Gateway(config).start()
-    wait_until(lambda: "feishu" in gw.adapters and gw.adapters["feishu"].ready.is_set(),
-               what="feishu ready")
+    # progress shown from the first update: these tests are about the card itself
+    gw = start_feishu_llm_gateway(tmp_path, feishu, llm, api_key="sk-card", progress_after_s=0)
     yield gw
     gw.shutdown()
 
@@ -77,3 +67,28 @@ def test_without_the_card_permission_the_answer_comes_as_one_plain_reply(gateway
     feishu.wait_for(lambda: feishu.replies_to(om2), timeout=30)
     assert gateway.wait_idle(30)
     assert len([c for c in feishu.rest_calls if "cardkit" in c["path"]]) == calls
+
+
+def test_with_progress_after_s_a_fast_answer_is_one_plain_reply_and_a_slow_one_a_card(
+        tmp_path, feishu, llm):
+    gateway = start_feishu_llm_gateway(tmp_path, feishu, llm, api_key="sk-card",
+                                       progress_after_s=0.3)
+    try:
+        llm.script(text("It is the moon.", chunk_chars=5, delay_s=0.001))
+        om = feishu.send_user_message("why are there tides?")
+        feishu.wait_for(lambda: feishu.replies_to(om), timeout=30)
+        assert gateway.wait_idle(30)
+        assert [(r.text, r.card_id) for r in feishu.replies_to(om)] == [("It is the moon.", None)]
+        assert not [c for c in feishu.rest_calls if "cardkit" in c["path"]]
+
+        slow = "The tide follows the moon, and the sun helps a little. " * 3
+        llm.script(text(slow.strip(), chunk_chars=8, delay_s=0.04))  # about a second
+        om2 = feishu.send_user_message("tell me more")
+        feishu.wait_for(lambda: feishu.replies_to(om2), timeout=30)
+        assert gateway.wait_idle(30)
+        [card] = feishu.cards.values()
+        contents = [op for op in card.ops if op[0] == "content"]
+        assert len(contents) >= 2 and contents[-1][2] == slow.strip()
+        assert [r.card_id for r in feishu.replies_to(om2)] == [card.card_id]
+    finally:
+        gateway.shutdown()

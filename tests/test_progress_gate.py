@@ -1,17 +1,13 @@
 """Progress waits until a turn has run `gateway.progress_after_s`: a fast answer is one plain
 reply (no stream, card, typing or edit), a slow one shows what the agent said so far at that
-moment, and nothing is shown once the turn is over."""
+moment, and nothing is shown once the turn is over. (On a real gateway with Feishu's cards:
+tests/test_feishu_card.py.)"""
 import time
 
 import gevent
-import pytest
+import gevent.event
 
-from hermes_green.config import Config
-from hermes_green.gateway import Gateway
 from hermes_green.progress import ProgressGate
-from hermes_green.testing.fake_feishu import FakeFeishuServer
-from hermes_green.testing.fake_llm import FakeLLM, text
-from tests.support import wait_until
 
 
 class Shown:
@@ -68,52 +64,3 @@ def test_an_adapter_failing_to_show_progress_does_not_reach_the_turn():
         raise ConnectionError("gone")
     gate = ProgressGate(broken, 0, spawn=spawn)
     gate("a")  # logged at DEBUG, not raised
-
-
-# -- through a real gateway on the Feishu fake --------------------------------------------------
-@pytest.fixture
-def feishu():
-    f = FakeFeishuServer(ping_interval_s=1.0).start()
-    yield f
-    f.stop()
-
-
-@pytest.fixture
-def llm():
-    f = FakeLLM(api_key="sk-gate").start()
-    yield f
-    f.stop()
-
-
-@pytest.fixture
-def gateway(tmp_path, feishu, llm):
-    config = Config.model_validate({
-        "gateway": {"data_dir": str(tmp_path / "data"), "status": {"enabled": False},
-                    "progress_after_s": 0.3},
-        "agent": {"base_url": llm.base_url, "api_key": "sk-gate", "model": "m", "tools": []},
-        "platforms": {"feishu": {"app_id": feishu.app_id, "app_secret": feishu.app_secret,
-                                 "domain": feishu.http_base, "card_update_interval_s": 0.1}}})
-    gw = Gateway(config).start()
-    wait_until(lambda: "feishu" in gw.adapters and gw.adapters["feishu"].ready.is_set(),
-               what="feishu ready")
-    yield gw
-    gw.shutdown()
-
-
-def test_a_fast_answer_is_one_plain_reply_and_a_slow_one_streams_a_card(gateway, feishu, llm):
-    llm.script(text("It is the moon.", chunk_chars=5, delay_s=0.001))
-    om = feishu.send_user_message("why are there tides?")
-    feishu.wait_for(lambda: feishu.replies_to(om), timeout=30)
-    assert gateway.wait_idle(30)
-    assert [(r.text, r.card_id) for r in feishu.replies_to(om)] == [("It is the moon.", None)]
-    assert not [c for c in feishu.rest_calls if "cardkit" in c["path"]]
-
-    slow = "The tide follows the moon, and the sun helps a little. " * 3
-    llm.script(text(slow.strip(), chunk_chars=8, delay_s=0.04))  # about a second
-    om2 = feishu.send_user_message("tell me more")
-    feishu.wait_for(lambda: feishu.replies_to(om2), timeout=30)
-    assert gateway.wait_idle(30)
-    [card] = feishu.cards.values()
-    contents = [op for op in card.ops if op[0] == "content"]
-    assert len(contents) >= 2 and contents[-1][2] == slow.strip()
-    assert [r.card_id for r in feishu.replies_to(om2)] == [card.card_id]
