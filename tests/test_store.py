@@ -153,8 +153,10 @@ def test_a_checkpoint_under_steady_writes_lets_the_wal_start_over(data_dir):
     """SQLite restarts the WAL only when a write begins with every frame copied back; with a
     write landing during every copy that never happened and the WAL grew without end."""
     import gevent
+    import gevent.event
     s = Store(data_dir).open()
     written, stop_at = [0], [10**9]
+    filled = gevent.event.Event()  # several thousand frames in the WAL
 
     def writer():
         while written[0] < stop_at[0]:
@@ -163,11 +165,12 @@ def test_a_checkpoint_under_steady_writes_lets_the_wal_start_over(data_dir):
             s.finish_turn("qqbot", f"c{i % 20}", [f"m{i}"], [part(f"m{i}")], user_text="hi",
                           answer_text="answer")
             written[0] += 1
-            gevent.sleep(0)
+            if written[0] == 600:
+                filled.set()
+            gevent.idle()  # the other greenlets (the checkpoint's) run between writes
 
     g = gevent.spawn(writer)
-    while written[0] < 600:  # several thousand frames in the WAL
-        gevent.sleep(0.01)
+    assert filled.wait(30)
     assert s.checkpoint() > 0  # ... while the writer keeps writing
     after_checkpoint = written[0]
     stop_at[0] = written[0] + 20
