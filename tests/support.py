@@ -159,3 +159,44 @@ def start_feishu_llm_gateway(tmp_path, feishu, llm, *, api_key: str, progress_af
     wait_until(lambda: "feishu" in gw.adapters and gw.adapters["feishu"].ready.is_set(),
                what="feishu ready")
     return gw
+
+
+class AdapterRuns:
+    """The adapters one test started, each on its fake with its journal, each `run()` in a
+    greenlet. `stop_all()` (the fixture's teardown) stops them, checks that every run()
+    returned, and stops each fake once."""
+
+    def __init__(self) -> None:
+        self.started: list = []
+
+    def start(self, fake, adapter, journal, *, run: bool = True):
+        from types import SimpleNamespace
+
+        from hermes_green.testing.journal import run_until_stopped
+        h = SimpleNamespace(fake=fake, adapter=adapter, journal=journal, greenlet=None)
+        if run:
+            h.greenlet = gevent.spawn(run_until_stopped, adapter)
+        self.started.append(h)
+        return h
+
+    def stop_all(self) -> None:
+        for h in self.started:
+            h.adapter.stop()
+            if h.greenlet is not None:
+                h.greenlet.join(timeout=5)
+                assert h.greenlet.dead, "adapter.run() did not return after stop()"
+        for fake in {id(h.fake): h.fake for h in self.started}.values():
+            fake.stop()
+
+
+def ready(h, *, timeout: float = 3.0):
+    """`h` once its adapter is ready (its last error in the failure otherwise)."""
+    assert h.adapter.ready.wait(timeout), f"not ready: {h.adapter.stats.last_error}"
+    return h
+
+
+def print_reconnect_times(measured: dict[str, float]):
+    """A module fixture's body: after the module, print what its fault tests measured (-s)."""
+    yield
+    for name, seconds in sorted(measured.items()):
+        print(f"\nreconnect fault={name} seconds={seconds:.3f}", end="")

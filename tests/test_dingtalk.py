@@ -10,7 +10,6 @@ import json
 import logging
 import time
 from collections import Counter
-from types import SimpleNamespace
 
 import gevent
 import pytest
@@ -26,6 +25,7 @@ from hermes_green.platforms.dingtalk import (BOT_TOPIC, REPLY_CHUNK_CHARS, DingT
 from hermes_green.replies import split_reply
 from hermes_green.testing.fake_dingtalk import (THROTTLE_CODE, WEBHOOK_GONE, WEBHOOK_TOO_LARGE,
                                                 FakeDingTalkServer)
+from tests.support import AdapterRuns, print_reconnect_times, ready
 
 PING_S = 0.2
 RECONNECT_BUDGET_S = 2.0
@@ -35,9 +35,7 @@ MEASURED: dict[str, float] = {}  # fault -> seconds from the fault to a new sess
 @pytest.fixture(scope="module", autouse=True)
 def report_reconnect_times():
     """Prints what the fault tests measured (visible with -s)."""
-    yield
-    for name, seconds in sorted(MEASURED.items()):
-        print(f"\nreconnect fault={name} seconds={seconds:.3f}", end="")
+    yield from print_reconnect_times(MEASURED)
 
 
 
@@ -46,7 +44,7 @@ def report_reconnect_times():
 
 @pytest.fixture
 def make():
-    started = []
+    runs = AdapterRuns()
 
     def _make(*, fake_kw=None, cfg_kw=None, run=True, journal=None, fake=None, **adapter_kw):
         if fake is None:
@@ -61,24 +59,11 @@ def make():
         cfg.update(cfg_kw or {})
         journal = journal if journal is not None else Journal()
         adapter = DingTalkAdapter(DingTalkConfig(**cfg), journal, **adapter_kw)
-        h = SimpleNamespace(fake=fake, adapter=adapter, journal=journal, greenlet=None)
-        if run:
-            h.greenlet = gevent.spawn(run_until_stopped, adapter)
-        started.append(h)
-        return h
+        return runs.start(fake, adapter, journal, run=run)
 
     yield _make
-    for h in started:
-        h.adapter.stop()
-        if h.greenlet is not None:
-            h.greenlet.join(timeout=5)
-            assert h.greenlet.dead, "adapter.run() did not return after stop()"
-        h.fake.stop()
+    runs.stop_all()
 
-
-def ready(h, timeout=3.0):
-    assert h.adapter.ready.wait(timeout), f"not ready: {h.adapter.stats.last_error}"
-    return h
 
 
 def delivered(h, msg_id: str, timeout=3.0):

@@ -17,7 +17,7 @@ import gevent
 import pytest
 from pydantic import SecretStr
 
-from hermes_green.testing.journal import Journal, run_until_stopped
+from hermes_green.testing.journal import Journal
 from hermes_green.models import OutboundMessage
 from hermes_green.platforms.base import FatalPlatformError, MemoryState, SendError, State
 from hermes_green.platforms.botconfig import BackoffConfig
@@ -25,6 +25,7 @@ from hermes_green.platforms.discord import (INTENTS, DiscordAdapter, DiscordConf
                                             nonce_for)
 from hermes_green.replies import split_reply
 from hermes_green.testing.fake_discord import FakeDiscordServer
+from tests.support import AdapterRuns, print_reconnect_times, ready
 
 INTERVAL_MS = 200
 INTERVAL_S = INTERVAL_MS / 1000
@@ -35,9 +36,7 @@ MEASURED: dict[str, float] = {}  # fault -> seconds from the fault to ready agai
 @pytest.fixture(scope="module", autouse=True)
 def report_reconnect_times():
     """Prints what the fault tests measured (visible with -s)."""
-    yield
-    for name, seconds in sorted(MEASURED.items()):
-        print(f"\nreconnect fault={name} seconds={seconds:.3f}", end="")
+    yield from print_reconnect_times(MEASURED)
 
 
 
@@ -60,7 +59,7 @@ class FixedRng(random.Random):
 
 @pytest.fixture
 def make():
-    started = []
+    runs = AdapterRuns()
 
     def _make(*, fake=None, fake_kw=None, run=True, journal=None, saved_state=None,
               handshake_timeout_s=1.0, token=None, **adapter_kw):
@@ -74,25 +73,11 @@ def make():
         journal = journal if journal is not None else Journal()
         adapter = DiscordAdapter(cfg, journal, handshake_timeout_s=handshake_timeout_s,
                                  saved_state=saved_state, **adapter_kw)
-        h = SimpleNamespace(fake=fake, adapter=adapter, journal=journal, greenlet=None)
-        if run:
-            h.greenlet = gevent.spawn(run_until_stopped, adapter)
-        started.append(h)
-        return h
+        return runs.start(fake, adapter, journal, run=run)
 
     yield _make
-    for h in started:
-        h.adapter.stop()
-        if h.greenlet is not None:
-            h.greenlet.join(timeout=5)
-            assert h.greenlet.dead, "adapter.run() did not return after stop()"
-    for fake in {id(h.fake): h.fake for h in started}.values():
-        fake.stop()
+    runs.stop_all()
 
-
-def ready(h, *, timeout=3.0):
-    assert h.adapter.ready.wait(timeout), f"not ready: {h.adapter.stats.last_error}"
-    return h
 
 
 def delivered(h, msg_id: str, timeout=3.0):

@@ -27,6 +27,7 @@ from hermes_green.models import OutboundMessage
 from hermes_green.platforms.base import FatalPlatformError, SendError, State
 from hermes_green.platforms.qqbot import EVENT_C2C, QQBotAdapter, attachment_kind
 from hermes_green.testing.fake_qqbot import CODE_DUPLICATE, FakeQQBotServer
+from tests.support import AdapterRuns, print_reconnect_times, ready
 
 INTERVAL_MS = 200
 DEADLINE_S = 0.6  # 3 intervals: strict, with room for a loaded CI machine
@@ -37,9 +38,7 @@ MEASURED: dict[str, float] = {}  # fault -> seconds from the fault to ready agai
 @pytest.fixture(scope="module", autouse=True)
 def report_reconnect_times():
     """Prints what the fault tests measured (visible with -s)."""
-    yield
-    for name, seconds in sorted(MEASURED.items()):
-        print(f"\nreconnect fault={name} seconds={seconds:.3f}", end="")
+    yield from print_reconnect_times(MEASURED)
 
 
 
@@ -48,7 +47,7 @@ def report_reconnect_times():
 
 @pytest.fixture
 def make():
-    started = []
+    runs = AdapterRuns()
 
     def _make(*, fake_kw=None, cfg_kw=None, run=True, journal=None, handshake_timeout_s=1.0,
               **adapter_kw):
@@ -62,24 +61,11 @@ def make():
         journal = journal if journal is not None else Journal()
         adapter = QQBotAdapter(QQBotConfig(**cfg_args), journal,
                                handshake_timeout_s=handshake_timeout_s, **adapter_kw)
-        h = SimpleNamespace(fake=fake, adapter=adapter, journal=journal, greenlet=None)
-        if run:
-            h.greenlet = gevent.spawn(run_until_stopped, adapter)
-        started.append(h)
-        return h
+        return runs.start(fake, adapter, journal, run=run)
 
     yield _make
-    for h in started:
-        h.adapter.stop()
-        if h.greenlet is not None:
-            h.greenlet.join(timeout=5)
-            assert h.greenlet.dead, "adapter.run() did not return after stop()"
-        h.fake.stop()
+    runs.stop_all()
 
-
-def ready(h, *, timeout=3.0):
-    assert h.adapter.ready.wait(timeout), f"not ready: {h.adapter.stats.last_error}"
-    return h
 
 
 def delivered(h, msg_id: str, timeout=3.0):

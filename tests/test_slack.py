@@ -26,7 +26,8 @@ from hermes_green.platforms.base import FatalPlatformError, SendError, State
 from hermes_green.platforms.slack import REPLY_CHUNK_CHARS, SlackAdapter, SlackConfig
 from hermes_green.replies import split_reply
 from hermes_green.testing.fake_slack import FakeSlackServer
-from tests.support import GateAgent, base_config, wait_until
+from tests.support import (AdapterRuns, GateAgent, base_config, print_reconnect_times, ready,
+                           wait_until)
 
 RECONNECT_BUDGET_S = 2.0
 MEASURED: dict[str, float] = {}  # fault -> seconds from the fault to a greeted connection
@@ -35,9 +36,7 @@ MEASURED: dict[str, float] = {}  # fault -> seconds from the fault to a greeted 
 @pytest.fixture(scope="module", autouse=True)
 def report_reconnect_times():
     """Prints what the fault tests measured (visible with -s)."""
-    yield
-    for name, seconds in sorted(MEASURED.items()):
-        print(f"\nreconnect fault={name} seconds={seconds:.3f}", end="")
+    yield from print_reconnect_times(MEASURED)
 
 
 
@@ -57,31 +56,18 @@ def slack_config(fake: FakeSlackServer, **over) -> SlackConfig:
 
 @pytest.fixture
 def make():
-    started = []
+    runs = AdapterRuns()
 
     def _make(*, fake_kw=None, cfg_kw=None, run=True, journal=None, hello_timeout_s=1.0):
         fake = FakeSlackServer(**{**FAKE_TIMING, **(fake_kw or {})}).start()
         journal = journal if journal is not None else Journal()
         adapter = SlackAdapter(slack_config(fake, **(cfg_kw or {})), journal,
                                hello_timeout_s=hello_timeout_s)
-        h = SimpleNamespace(fake=fake, adapter=adapter, journal=journal, greenlet=None)
-        if run:
-            h.greenlet = gevent.spawn(run_until_stopped, adapter)
-        started.append(h)
-        return h
+        return runs.start(fake, adapter, journal, run=run)
 
     yield _make
-    for h in started:
-        h.adapter.stop()
-        if h.greenlet is not None:
-            h.greenlet.join(timeout=5)
-            assert h.greenlet.dead, "adapter.run() did not return after stop()"
-        h.fake.stop()
+    runs.stop_all()
 
-
-def ready(h, *, timeout=3.0):
-    assert h.adapter.ready.wait(timeout), f"not ready: {h.adapter.stats.last_error}"
-    return h
 
 
 def msg_id(channel: str, ts: str) -> str:
