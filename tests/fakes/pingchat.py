@@ -20,8 +20,9 @@ import gevent
 import gevent.pool
 from geventwebsocket.websocket import WebSocket
 
-from hermes_green.testing.driver import Keepalive, PlatformDriver, ReplyRow
+from hermes_green.testing.driver import Keepalive
 from hermes_green.testing.harness import Conn, FakePlatformServer
+from tests.fakes.example_driver import ExampleDriver
 from tests.fakes.pingchat_adapter import PingChatAdapter, PingChatConfig
 
 
@@ -121,7 +122,7 @@ class FakePingChat(FakePlatformServer):
             self.log_event("client_sent_unknown", conn)
 
 
-class Driver(PlatformDriver):
+class Driver(ExampleDriver):
     platform = "pingchat"
     max_reply_chars = 300
 
@@ -134,24 +135,12 @@ class Driver(PlatformDriver):
         return {"url": self.fake.ws_url, "token": self.fake.token,
                 "ping_interval_s": self.keepalive.interval_s, **extra}
 
-    def bad_credentials_config(self, **extra: Any) -> dict:
-        return self.bot_config(token="not-the-token", **extra)
-
     def adapter_factory(self, section: dict):
         config = PingChatConfig.model_validate(section)
         return lambda cfg, on_message, **kw: PingChatAdapter(config, on_message, **kw)
 
-    def user_says(self, text: str, *, chat: int = 0, user: int | None = None,
-                  group: bool = False) -> str:
-        sender = f"u{chat if user is None else user}"
-        return self.fake.user_sends(text, chat=f"g{chat}" if group else sender, user=sender,
-                                    group=group)
-
     def redeliver(self, message_id: str) -> None:
         self.fake.redeliver(message_id)
-
-    def reply_rows(self) -> list[ReplyRow]:
-        return [ReplyRow(r["reply_to"], r["text"], r["at"]) for r in self.fake.replies]
 
     def go_silent(self, seconds: float) -> None:
         self.fake.go_silent(seconds, whole_server=False)

@@ -23,8 +23,9 @@ from urllib.parse import parse_qs
 import gevent
 import gevent.event
 
-from hermes_green.testing.driver import Keepalive, PlatformDriver, ReplyRow
+from hermes_green.testing.driver import Keepalive
 from hermes_green.testing.harness import FakePlatformServer
+from tests.fakes.example_driver import ExampleDriver
 from tests.fakes.pollchat_adapter import PollChatAdapter, PollChatConfig
 
 
@@ -157,7 +158,7 @@ class FakePollChat(FakePlatformServer):
         return 200, {"ok": True}
 
 
-class Driver(PlatformDriver):
+class Driver(ExampleDriver):
     platform = "pollchat"
     max_reply_chars = 500
 
@@ -169,24 +170,12 @@ class Driver(PlatformDriver):
         return {"base_url": self.fake.http_base, "token": self.fake.token,
                 "poll_timeout_s": self.keepalive.interval_s, **extra}
 
-    def bad_credentials_config(self, **extra: Any) -> dict:
-        return self.bot_config(token="not-the-token", **extra)
-
     def adapter_factory(self, section: dict):
         config = PollChatConfig.model_validate(section)
         return lambda cfg, on_message, **kw: PollChatAdapter(config, on_message, **kw)
 
-    def user_says(self, text: str, *, chat: int = 0, user: int | None = None,
-                  group: bool = False) -> str:
-        sender = f"u{chat if user is None else user}"
-        return self.fake.user_sends(text, chat=f"g{chat}" if group else sender, user=sender,
-                                    group=group)
-
     def redeliver(self, message_id: str) -> None:
         self.fake.requeue(message_id)
-
-    def reply_rows(self) -> list[ReplyRow]:
-        return [ReplyRow(r["reply_to"], r["text"], r["at"]) for r in self.fake.replies]
 
     def drop(self) -> None:
         self.fake.cut()
